@@ -1,0 +1,17 @@
+"""metasolve: learn settings for black-box PETSc solvers through forward gradients.
+
+The one idea: `BlackBox(oracle, space, cost, estimator)` is a torch operation whose forward pass
+runs the real solver and whose backward pass estimates the gradient from extra forward solves.
+"""
+from solvers._petsc import PETSc  # noqa: F401  (mpi4py.MPI before petsc4py, always)
+
+from metasolve.blackbox import BlackBox
+from metasolve.cost import IterationProxy, Iterations, LogResidual
+from metasolve.estimators import SPSA, ControlVariate, Exact, FiniteDifference, ForwardGradient
+from metasolve.params import Interval, LogInterval, Space, Vector
+from metasolve.surrogate import Surrogate
+
+__all__ = [
+    "BlackBox", "ControlVariate", "Exact", "FiniteDifference", "ForwardGradient", "Interval",
+    "IterationProxy", "Iterations", "LogInterval", "LogResidual", "SPSA", "Space", "Surrogate", "Vector",
+]

@@ -1,0 +1,109 @@
+"""Build everything a run needs from a validated config: one place where names become objects."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from metasolve.blackbox import BlackBox
+from metasolve.cost import IterationProxy, Iterations, LogResidual
+from metasolve.estimators import SPSA, ControlVariate, FiniteDifference, ForwardGradient
+from metasolve.meta_solver import MetaSolver
+from metasolve.params import Interval, LogInterval, Space, Vector
+from metasolve.surrogate import Surrogate
+from metasolve.train import Trainer
+from problems import make_family
+
+EVAL_OFFSET = 1_000_000
+"""Evaluation tasks use indices from here on: disjoint from any training range a config can ask for."""
+
+
+@dataclass
+class Experiment:
+    config: dict
+    family: Any
+    train_tasks: list
+    eval_tasks: list
+    meta_solver: MetaSolver
+    blackbox: BlackBox
+    trainer: Trainer
+    evaluation_cost: Iterations
+
+
+def build_space(config: dict, example_task: Any) -> Space:
+    parts = {}
+    for name, part in config["space"].items():
+        if part["kind"] == "vector":
+            shape = getattr(example_task, "grid_shape", None) or example_task.size
+            parts[name] = Vector(shape, basis=part["basis"], modes=part["modes"], scale=part["scale"])
+        elif part["kind"] == "interval":
+            parts[name] = Interval(part["lo"], part["hi"])
+        else:
+            parts[name] = LogInterval(part["lo"], part["hi"])
+    return Space(parts)
+
+
+def build_cost(config: dict) -> Any:
+    cost = config["cost"]
+    if cost["kind"] == "log_residual":
+        return LogResidual(cost["iterations"])
+    if cost["kind"] == "iteration_proxy":
+        return IterationProxy(cost["rtol"], max_it=cost["max_it"], sharpness=cost["sharpness"])
+    raise ValueError(f"cost.kind must be 'log_residual' or 'iteration_proxy', got {cost['kind']!r}")
+
+
+def build_oracle(config: dict, executor: Any) -> Any:
+    solver = config["solver"]
+    if solver["kind"] == "ksp":
+        from solvers import KSPOracle
+
+        return KSPOracle(ksp_type=solver["ksp_type"], pc_type=solver["pc_type"], rtol=solver["rtol"],
+                         atol=solver["atol"], max_it=solver["max_it"], options=solver["options"],
+                         comm=executor.solve_comm)
+    if solver["kind"] == "executable":
+        from solvers import ExecutableOracle
+
+        if not solver["command"]:
+            raise ValueError("solver.kind = 'executable' needs solver.command")
+        return ExecutableOracle(command=solver["command"], timeout=solver["timeout"], options=solver["options"])
+    raise ValueError(f"solver.kind must be 'ksp' or 'executable', got {solver['kind']!r}")
+
+
+def build_estimator(config: dict, feature_dim: int, theta_dim: int) -> Any:
+    spec = config["estimator"]
+    kind = spec["kind"]
+    if kind == "finite_difference":
+        return FiniteDifference(difference=spec["difference"], eps=spec["eps"])
+    if kind == "spsa":
+        return SPSA(tangents=spec["tangents"], eps=spec["eps"])
+    base = ForwardGradient(tangents=spec["tangents"], difference=spec["difference"], eps=spec["eps"],
+                           distribution=spec["distribution"], combine=spec["combine"])
+    if kind == "forward":
+        return base
+    if kind == "control_variate":
+        s = config["surrogate"]
+        net = Surrogate.mlp(feature_dim, theta_dim, hidden=s["hidden"], depth=s["depth"])
+        return ControlVariate(base, Surrogate(net, lr=s["lr"], value_weight=s["value_weight"],
+                                              jvp_weight=s["jvp_weight"], steps=s["steps"]))
+    raise ValueError(f"estimator.kind must be forward, control_variate, spsa or finite_difference, got {kind!r}")
+
+
+def build_experiment(config: dict, executor: Any) -> Experiment:
+    problem, train = config["problem"], config["train"]
+    torch.manual_seed(train["seed"])
+    family = make_family(problem["family"], seed=problem["seed"], **problem["params"])
+    train_tasks = family.tasks(range(problem["train_tasks"]))
+    eval_tasks = family.tasks(range(EVAL_OFFSET, EVAL_OFFSET + problem["eval_tasks"]))
+    space = build_space(config, train_tasks[0])
+    feature_dim = train_tasks[0].features.shape[0]
+    meta_solver = MetaSolver(feature_dim, space, hidden=config["model"]["hidden"], depth=config["model"]["depth"])
+    meta_solver.fit_normalizer(train_tasks)
+    estimator = build_estimator(config, feature_dim, space.dim)
+    blackbox = BlackBox(build_oracle(config, executor), space, build_cost(config), estimator,
+                        executor=executor, seed=train["seed"])
+    optimizer = torch.optim.Adam(meta_solver.parameters(), lr=train["lr"])
+    trainer = Trainer(meta_solver, blackbox, optimizer, executor=executor,
+                      checkpoint_every=train["checkpoint_every"], seed=train["seed"])
+    evaluation = Iterations(config["evaluate"]["rtol"], config["evaluate"]["max_it"])
+    return Experiment(config, family, train_tasks, eval_tasks, meta_solver, blackbox, trainer, evaluation)

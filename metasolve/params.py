@@ -1,0 +1,174 @@
+"""Parameter spaces: raw, unconstrained θ ↔ solver settings.
+
+Perturbations act on raw θ, never on decoded settings, so one finite-difference step fits every
+coordinate; the constraint (an interval, positivity) lives in the smooth decode map.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+
+class Part(Protocol):
+    dim: int
+
+    def decode_tensor(self, raw: torch.Tensor) -> torch.Tensor: ...
+
+    def to_setting(self, value: torch.Tensor) -> Any: ...
+
+    def encode(self, value: Any) -> torch.Tensor: ...
+
+
+def _logit(p: float) -> float:
+    return math.log(p) - math.log1p(-p)
+
+
+class Interval:
+    """A scalar in the open interval (lo, hi): lo + (hi − lo)·sigmoid(raw)."""
+
+    dim = 1
+
+    def __init__(self, lo: float, hi: float) -> None:
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+            raise ValueError(f"Interval needs finite lo < hi, got ({lo}, {hi})")
+        self.lo, self.hi = float(lo), float(hi)
+
+    def decode_tensor(self, raw: torch.Tensor) -> torch.Tensor:
+        return self.lo + (self.hi - self.lo) * torch.sigmoid(raw[0])
+
+    def to_setting(self, value: torch.Tensor) -> float:
+        return float(value)
+
+    def encode(self, value: float) -> torch.Tensor:
+        if not self.lo < value < self.hi:
+            raise ValueError(f"{value} lies outside the open interval ({self.lo}, {self.hi})")
+        return torch.tensor([_logit((value - self.lo) / (self.hi - self.lo))], dtype=torch.float64)
+
+    def __repr__(self) -> str:
+        return f"Interval({self.lo}, {self.hi})"
+
+
+class LogInterval(Interval):
+    """A positive scalar in (lo, hi), uniform in log scale: for tolerances, thresholds, bounds."""
+
+    def __init__(self, lo: float, hi: float) -> None:
+        if not lo > 0:
+            raise ValueError(f"LogInterval needs lo > 0, got {lo}")
+        super().__init__(lo, hi)
+
+    def decode_tensor(self, raw: torch.Tensor) -> torch.Tensor:
+        log_lo, log_hi = math.log(self.lo), math.log(self.hi)
+        return torch.exp(log_lo + (log_hi - log_lo) * torch.sigmoid(raw[0]))
+
+    def encode(self, value: float) -> torch.Tensor:
+        if not self.lo < value < self.hi:
+            raise ValueError(f"{value} lies outside the open interval ({self.lo}, {self.hi})")
+        fraction = (math.log(value) - math.log(self.lo)) / (math.log(self.hi) - math.log(self.lo))
+        return torch.tensor([_logit(fraction)], dtype=torch.float64)
+
+    def __repr__(self) -> str:
+        return f"LogInterval({self.lo}, {self.hi})"
+
+
+def sine_basis(n: int, modes: int) -> torch.Tensor:
+    """[n, modes] discrete sine modes sin(jπ i/(n+1)): the eigenvectors of the 1-D Dirichlet Laplacian."""
+    i = torch.arange(1, n + 1, dtype=torch.float64)[:, None]
+    j = torch.arange(1, modes + 1, dtype=torch.float64)[None, :]
+    return torch.sin(math.pi * i * j / (n + 1))
+
+
+class Vector:
+    """A vector of length n (or a grid of shape (nx, ny), flattened row-major), e.g. an initial guess.
+
+    With `basis="sine"` it is spanned by the lowest `modes` sine modes per axis: a forward
+    gradient's variance grows with dimension, so a low-dimensional basis is the first variance cut.
+    """
+
+    def __init__(self, n: int | tuple[int, int], basis: str = "sine", modes: int | None = None,
+                 scale: float = 1.0) -> None:
+        self.shape = (n,) if isinstance(n, int) else tuple(n)
+        if len(self.shape) not in (1, 2) or min(self.shape) < 1:
+            raise ValueError(f"Vector needs n >= 1 or a 2-D grid shape, got {n!r}")
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"Vector scale must be positive and finite, got {scale}")
+        self.size = int(np.prod(self.shape))
+        self.scale = float(scale)
+        if basis == "identity":
+            if modes is not None:
+                raise ValueError("Vector(basis='identity') takes no modes")
+            self.basis = None
+            self.dim = self.size
+        elif basis == "sine":
+            if modes is None or not 1 <= modes <= min(self.shape):
+                raise ValueError(f"Vector(basis='sine') needs 1 <= modes <= {min(self.shape)}, got {modes}")
+            factors = [sine_basis(n_axis, modes) for n_axis in self.shape]
+            self.basis = factors[0] if len(factors) == 1 else torch.kron(factors[0], factors[1])
+            self.dim = self.basis.shape[1]
+        else:
+            raise ValueError(f"unknown Vector basis {basis!r}: use 'sine' or 'identity'")
+        self.basis_name, self.modes = basis, modes
+
+    def decode_tensor(self, raw: torch.Tensor) -> torch.Tensor:
+        coefficients = self.scale * raw
+        return coefficients if self.basis is None else self.basis @ coefficients
+
+    def to_setting(self, value: torch.Tensor) -> np.ndarray:
+        return value.detach().numpy().astype(np.float64, copy=True)
+
+    def encode(self, value: Any) -> torch.Tensor:
+        """Least-squares coefficients of `value` (exact when it lies in the span)."""
+        x = torch.as_tensor(np.asarray(value, dtype=np.float64)).reshape(-1)
+        if x.shape[0] != self.size:
+            raise ValueError(f"vector of length {x.shape[0]} given, this Vector has {self.size}")
+        if self.basis is None:
+            return x / self.scale
+        return torch.linalg.lstsq(self.basis, x[:, None]).solution[:, 0] / self.scale
+
+    def __repr__(self) -> str:
+        n = self.shape[0] if len(self.shape) == 1 else self.shape
+        return f"Vector({n}, basis={self.basis_name!r}, modes={self.modes}, scale={self.scale})"
+
+
+class Space:
+    """Named parts composed into one raw vector θ; `decode` gives the oracle's setting."""
+
+    def __init__(self, parts: Mapping[str, Part]) -> None:
+        if not parts:
+            raise ValueError("Space needs at least one part")
+        self.parts = dict(parts)
+        self.slices: dict[str, slice] = {}
+        start = 0
+        for name, part in self.parts.items():
+            self.slices[name] = slice(start, start + part.dim)
+            start += part.dim
+        self.dim = start
+
+    def check(self, theta: torch.Tensor) -> None:
+        """Reject θ of the wrong width or with non-finite entries, naming the problem."""
+        if theta.shape[-1] != self.dim:
+            raise ValueError(f"θ has width {theta.shape[-1]}, the space {self!r} has dim {self.dim}")
+        if not torch.all(torch.isfinite(theta)):
+            raise ValueError("θ contains non-finite values (NaN or inf)")
+
+    def decode_tensors(self, theta_row: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Differentiable decode, for torch-differentiable oracles (the twins)."""
+        self.check(theta_row)
+        return {name: part.decode_tensor(theta_row[self.slices[name]]) for name, part in self.parts.items()}
+
+    def decode(self, theta_row: torch.Tensor) -> dict[str, Any]:
+        with torch.no_grad():
+            tensors = self.decode_tensors(torch.as_tensor(theta_row, dtype=torch.float64))
+        return {name: self.parts[name].to_setting(value) for name, value in tensors.items()}
+
+    def encode(self, setting: Mapping[str, Any]) -> torch.Tensor:
+        missing = set(self.parts) - set(setting)
+        if missing:
+            raise ValueError(f"setting lacks {sorted(missing)} required by the space")
+        return torch.cat([part.encode(setting[name]) for name, part in self.parts.items()])
+
+    def __repr__(self) -> str:
+        return "Space({" + ", ".join(f"{k!r}: {v!r}" for k, v in self.parts.items()) + "})"

@@ -1,0 +1,7 @@
+"""The black boxes: real solvers behind one protocol, `oracle(task, setting) -> Outcome`."""
+from solvers._petsc import PETSc  # noqa: F401  (imports mpi4py.MPI first)
+from solvers.ksp import KSPOracle
+from solvers.linear_system import LinearSystem
+from solvers.outcome import Outcome
+
+__all__ = ["KSPOracle", "LinearSystem", "Outcome"]

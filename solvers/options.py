@@ -1,0 +1,100 @@
+"""Setting PETSc options for one solve and proving they were used.
+
+PETSc silently ignores options nobody reads, so a misspelt `pc_sor_omgea` would otherwise
+train a network against a constant. After a solve we ask `PetscOptionsUsed` (not wrapped by
+petsc4py, reached through ctypes on the already-loaded libpetsc) whether each option was read.
+"""
+from __future__ import annotations
+
+import ctypes
+import glob
+import itertools
+import os
+import re
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import petsc4py
+
+from solvers._petsc import PETSc
+
+_OPTION_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+_prefix_counter = itertools.count()
+
+
+def unique_prefix(stem: str = "metasolve") -> str:
+    """A fresh options prefix, so concurrent or successive solvers never share options."""
+    return f"{stem}{os.getpid()}_{next(_prefix_counter)}_"
+
+
+def option_name(key: str) -> str:
+    """Normalise `-pc_sor_omega` / `pc_sor_omega` to `pc_sor_omega`, rejecting malformed names."""
+    name = key.lstrip("-")
+    if not _OPTION_NAME.match(name):
+        raise ValueError(f"invalid PETSc option name {key!r}: use lowercase letters, digits and '_'")
+    return name
+
+
+def format_value(value: Any) -> str:
+    """PETSc's textual form of an option value; floats keep every digit."""
+    if value is None:
+        return ""
+    if isinstance(value, (bool, np.bool_)):
+        return "true" if value else "false"
+    if isinstance(value, (float, np.floating)):
+        if not np.isfinite(value):
+            raise ValueError(f"non-finite option value {value!r}")
+        return repr(float(value))
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return ",".join(format_value(v) for v in value)
+    return str(value)
+
+
+@contextmanager
+def prefixed_options(prefix: str, options: Mapping[str, Any]) -> Iterator[None]:
+    """Put `options` into the global database under `prefix` and delete them afterwards."""
+    db = PETSc.Options()
+    names = [option_name(k) for k in options]
+    try:
+        for name, value in zip(names, options.values()):
+            db.setValue(f"-{prefix}{name}", format_value(value))
+        yield
+    finally:
+        for name in names:
+            db.delValue(f"-{prefix}{name}")
+
+
+def _libpetsc() -> ctypes.CDLL:
+    config = petsc4py.get_config()
+    arch = config.get("PETSC_ARCH") or ""
+    for libdir in (os.path.join(config["PETSC_DIR"], arch, "lib"), os.path.join(config["PETSC_DIR"], "lib")):
+        # pip's PETSc wheel ships libpetsc.so as a linker script, so try every candidate.
+        for candidate in sorted(glob.glob(os.path.join(libdir, "libpetsc.*")), key=len, reverse=True):
+            try:
+                lib = ctypes.CDLL(candidate)
+            except OSError:
+                continue
+            lib.PetscOptionsUsed.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.POINTER(ctypes.c_int)]
+            lib.PetscOptionsUsed.restype = ctypes.c_int
+            return lib
+    raise RuntimeError(f"cannot locate libpetsc under PETSC_DIR={config['PETSC_DIR']!r}")
+
+
+_LIB: ctypes.CDLL | None = None
+
+
+def unused_options(prefix: str, names: list[str]) -> list[str]:
+    """The names among `names` (set under `prefix`) that PETSc never read."""
+    global _LIB
+    if _LIB is None:
+        _LIB = _libpetsc()
+    unused = []
+    for name in names:
+        flag = ctypes.c_int(0)
+        if _LIB.PetscOptionsUsed(None, f"{prefix}{name}".encode(), ctypes.byref(flag)) != 0:
+            raise RuntimeError(f"PetscOptionsUsed failed for {name!r}")
+        if not flag.value:
+            unused.append(name)
+    return unused

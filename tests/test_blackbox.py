@@ -1,0 +1,87 @@
+"""BlackBox on real PETSc solves: shapes, determinism, failure semantics."""
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from metasolve import BlackBox, FiniteDifference, ForwardGradient, Interval, LogResidual, Space, Vector
+from solvers import KSPOracle, LinearSystem
+from tests.systems import laplacian_1d, poisson_1d
+
+
+def jacobi_box(estimator, n=31, iterations=20, seed=0):
+    space = Space({"x0": Vector(n, basis="sine", modes=4)})
+    oracle = KSPOracle(ksp_type="richardson", pc_type="jacobi")
+    return BlackBox(oracle, space, LogResidual(iterations), estimator, seed=seed)
+
+
+def test_forward_and_backward_shapes_and_solve_count():
+    tasks = [poisson_1d(31, seed=s) for s in range(3)]
+    box = jacobi_box(ForwardGradient(tangents=2, difference="central"))
+    theta = torch.zeros(3, 4, dtype=torch.float64, requires_grad=True)
+    y = box(theta, tasks)
+    assert y.shape == (3,) and y.dtype == torch.float64
+    y.sum().backward()
+    assert theta.grad.shape == (3, 4) and torch.all(torch.isfinite(theta.grad))
+    assert box.stats.solves == 3 * (1 + 4)
+
+
+def test_finite_difference_gradient_matches_a_hand_computed_difference():
+    task = poisson_1d(31, seed=4)
+    box = jacobi_box(FiniteDifference(difference="central", eps=1e-4))
+    theta = torch.tensor([[0.3, -0.2, 0.1, 0.05]], dtype=torch.float64, requires_grad=True)
+    box(theta, [task]).sum().backward()
+    shifted = theta.detach().clone()
+    shifted[0, 1] += 1e-4
+    up = box.evaluate(shifted, [task])
+    shifted[0, 1] -= 2e-4
+    down = box.evaluate(shifted, [task])
+    assert float(theta.grad[0, 1]) == pytest.approx(float((up - down) / 2e-4), rel=1e-10)
+
+
+def test_same_seed_same_gradient():
+    tasks = [poisson_1d(31, seed=s) for s in range(2)]
+    grads = []
+    for _ in range(2):
+        theta = torch.full((2, 4), 0.1, dtype=torch.float64, requires_grad=True)
+        jacobi_box(ForwardGradient(tangents=3), seed=7)(theta, tasks).sum().backward()
+        grads.append(theta.grad)
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_bad_theta_raises_naming_the_problem():
+    box = jacobi_box(ForwardGradient())
+    tasks = [poisson_1d(31)]
+    with pytest.raises(ValueError, match="width"):
+        box(torch.zeros(1, 5, dtype=torch.float64), tasks)
+    with pytest.raises(ValueError, match="non-finite"):
+        box(torch.tensor([[math.nan, 0, 0, 0]], dtype=torch.float64), tasks)
+    with pytest.raises(ValueError, match="rows"):
+        box(torch.zeros(2, 4, dtype=torch.float64), tasks)
+
+
+def test_a_query_that_diverges_mid_batch_is_dropped_and_counted():
+    """Richardson + Jacobi diverges once the scale s exceeds 2/λ_max(D⁻¹A) ≈ 1.0 on Poisson1D.
+
+    Task 1's centre (s = 0.9) converges while its +ε queries (s ≈ 1.4) diverge; task 2's centre
+    (s ≈ 1.7) diverges, so it gets a zero gradient; task 0 stays well inside and is untouched.
+    """
+    tasks = [LinearSystem(laplacian_1d(31), np.ones(31), name=f"task{i}") for i in range(3)]
+    space = Space({"ksp_richardson_scale": Interval(0.0, 2.0)})
+    oracle = KSPOracle(ksp_type="richardson", pc_type="jacobi")
+    box = BlackBox(oracle, space, LogResidual(60), ForwardGradient(tangents=4, eps=1.0), seed=3)
+    centres = [0.5, 0.9, 1.7]
+    theta = torch.stack([space.encode({"ksp_richardson_scale": s}) for s in centres]).requires_grad_(True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y = box(theta, tasks)
+        y.sum().backward()
+    assert box.stats.failed_centres == 1 and box.stats.failed_queries >= 1
+    assert any("task2" in str(w.message) and "task1" in str(w.message) for w in caught)
+    assert torch.all(torch.isfinite(y)) and y[2] == LogResidual(60).failure_value(tasks[2])
+    assert torch.all(torch.isfinite(theta.grad))
+    assert theta.grad[2].abs().sum() == 0 and theta.grad[1].abs().sum() > 0
