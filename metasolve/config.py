@@ -75,6 +75,8 @@ def validate(raw: dict, source: str = "<config>") -> dict:
     for section in raw:
         if section not in SCHEMA:
             raise ConfigError(f"{source}: unknown section [{section}] (allowed: {', '.join(SCHEMA)})")
+    if "problem" not in raw:
+        raise ConfigError(f"{source}: missing required section [problem]")
     config = {}
     for section, schema in SCHEMA.items():
         given = raw.get(section, {})
@@ -84,8 +86,6 @@ def validate(raw: dict, source: str = "<config>") -> dict:
             config[section] = _validate_space(given, source)
         else:
             config[section] = _check_section(section, source, given, schema)
-    if "problem" not in raw:
-        raise ConfigError(f"{source}: missing required section [problem]")
     return config
 
 

@@ -15,10 +15,6 @@ from metasolve.surrogate import Surrogate
 from metasolve.train import Trainer
 from problems import make_family
 
-EVAL_OFFSET = 1_000_000
-"""Evaluation tasks use indices from here on: disjoint from any training range a config can ask for."""
-
-
 @dataclass
 class Experiment:
     config: dict
@@ -93,8 +89,8 @@ def build_experiment(config: dict, executor: Any) -> Experiment:
     problem, train = config["problem"], config["train"]
     torch.manual_seed(train["seed"])
     family = make_family(problem["family"], seed=problem["seed"], **problem["params"])
-    train_tasks = family.tasks(range(problem["train_tasks"]))
-    eval_tasks = family.tasks(range(EVAL_OFFSET, EVAL_OFFSET + problem["eval_tasks"]))
+    train_tasks = family.train_tasks(problem["train_tasks"])
+    eval_tasks = family.eval_tasks(problem["eval_tasks"])
     space = build_space(config, train_tasks[0])
     feature_dim = train_tasks[0].features.shape[0]
     meta_solver = MetaSolver(feature_dim, space, hidden=config["model"]["hidden"], depth=config["model"]["depth"])

@@ -79,7 +79,7 @@ class Surrogate:
                 self.optimizer.zero_grad()
                 loss.backward()
                 self.optimizer.step()
-            self.last_loss = float(loss)
+            self.last_loss = float(loss.detach())
 
     def state_dict(self) -> dict:
         return {"net": self.net.state_dict(), "optimizer": self.optimizer.state_dict()}

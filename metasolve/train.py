@@ -131,7 +131,7 @@ class Trainer:
         self.optimizer.step()
         self.step += 1
         stats = self.blackbox.stats
-        row = {"step": self.step, "loss": float(loss), "solves": stats.solves,
+        row = {"step": self.step, "loss": float(loss.detach()), "solves": stats.solves,
                "failed_queries": stats.failed_queries, "failed_centres": stats.failed_centres,
                "seconds": time.perf_counter() - begin}
         if self._surrogate is not None:
