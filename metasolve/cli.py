@@ -82,7 +82,7 @@ def evaluate(checkpoint: Path, tasks: int | None) -> dict:
 
 def demo(out: Path) -> None:
     """Solve each built-in family with PETSc, then train the default predictor and compare."""
-    from problems.showcase import family_table
+    from metasolve.showcase import family_table
 
     executor = make_executor()
     _say(executor, "metasolve demo 1/2: the built-in problem families solved by PETSc (default settings)")

@@ -36,8 +36,9 @@ class Trainer:
     def __init__(self, meta_solver: nn.Module, blackbox: BlackBox, optimizer: torch.optim.Optimizer,
                  loss: Callable[[torch.Tensor], torch.Tensor] | None = None, executor: Any = None,
                  checkpoint_dir: str | Path | None = None, checkpoint_every: int = 10, seed: int = 0,
-                 progress: bool = True) -> None:
+                 progress: bool = True, scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> None:
         self.meta_solver, self.blackbox, self.optimizer = meta_solver, blackbox, optimizer
+        self.scheduler = scheduler
         self.loss = loss if loss is not None else torch.mean
         self.executor = executor if executor is not None else blackbox.executor
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
@@ -65,6 +66,8 @@ class Trainer:
         }
         if self._surrogate is not None:
             state["surrogate"] = self._surrogate.state_dict()
+        if self.scheduler is not None:
+            state["scheduler"] = self.scheduler.state_dict()
         if isinstance(self.meta_solver, MetaSolver):
             state["meta_solver"] = self.meta_solver.export()
         return state
@@ -79,6 +82,8 @@ class Trainer:
         self.history = list(state["history"])
         if self._surrogate is not None:
             self._surrogate.load_state_dict(state["surrogate"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
 
     def _resume(self) -> None:
         if self.checkpoint_dir is None:
@@ -129,6 +134,8 @@ class Trainer:
         self.optimizer.zero_grad()
         loss.backward()
         self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
         self.step += 1
         stats = self.blackbox.stats
         row = {"step": self.step, "loss": float(loss.detach()), "solves": stats.solves,

@@ -1,0 +1,1 @@
+"""Measured comparisons behind `make bench`; each section writes JSON + Markdown (+ PNG)."""

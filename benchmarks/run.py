@@ -1,0 +1,45 @@
+"""Run the benchmark sections and write `benchmarks/results/<section>.{json,md}` plus an index.
+
+Every section compares methods side by side in one run (ratios, medians over seeds), because
+wall-clock numbers on shared machines drift between runs.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import time
+from pathlib import Path
+
+from metasolve.report import markdown_table
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SECTIONS = ["overhead", "estimators", "initial_guess", "options", "mpi_throughput", "wall_model", "executable"]
+
+
+def run_benchmarks(only: list[str] | None = None, quick: bool = False, out: Path = RESULTS) -> dict:
+    """Run `only` (default: every section); each returns {"summary": [rows], "markdown": str, ...}."""
+    chosen = only or SECTIONS
+    unknown = sorted(set(chosen) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"unknown benchmark section(s) {unknown}; known: {SECTIONS}")
+    out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for name in chosen:
+        print(f"bench: [{name}] ...", flush=True)
+        begin = time.perf_counter()
+        module = importlib.import_module(f"benchmarks.{name}")
+        result = module.run(out, quick=quick)
+        result["seconds"] = time.perf_counter() - begin
+        (out / f"{name}.json").write_text(json.dumps(result, indent=1, default=float))
+        (out / f"{name}.md").write_text(f"# [{name}]\n\n{result['markdown']}\n")
+        print(result["markdown"], flush=True)
+        results[name] = result
+    index = [f"# metasolve benchmark results\n", f"Sections run: {', '.join(chosen)}.\n"]
+    for name, result in results.items():
+        index.append(f"## [{name}] ({result['seconds']:.0f} s)\n\n{result['markdown']}\n")
+    (out / "README.md" if only is None else out / f"index-{'-'.join(chosen)}.md").write_text("\n".join(index))
+    return results
+
+
+def _rows_to_markdown(rows: list[dict]) -> str:
+    return markdown_table(rows)
