@@ -3,5 +3,6 @@ from solvers._petsc import PETSc  # noqa: F401  (imports mpi4py.MPI first)
 from solvers.ksp import KSPOracle
 from solvers.linear_system import LinearSystem
 from solvers.outcome import Outcome
+from solvers.twins import cg_residuals, jacobi_residuals, twin_for
 
-__all__ = ["KSPOracle", "LinearSystem", "Outcome"]
+__all__ = ["KSPOracle", "LinearSystem", "Outcome", "cg_residuals", "jacobi_residuals", "twin_for"]
