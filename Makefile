@@ -4,7 +4,7 @@ PY          := $(VENV)/bin/python
 MPIEXEC     := $(VENV)/bin/mpiexec
 STAMP       := $(VENV)/.metasolve-setup
 
-.PHONY: setup demo test test-serial test-mpi bench legacy-solver clean-venv clean
+.PHONY: setup demo test test-mpi bench legacy-solver clean-venv clean
 
 setup:
 	@bash scripts/setup.sh
@@ -14,6 +14,9 @@ demo: setup
 
 test: setup legacy-solver
 	$(PY) -m pytest -q
+
+test-mpi: setup
+	$(PY) -m pytest -q tests/test_parallel.py tests/test_mpi_training.py
 
 bench: setup legacy-solver
 	$(PY) -m metasolve.cli bench

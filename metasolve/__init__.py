@@ -8,10 +8,14 @@ from solvers._petsc import PETSc  # noqa: F401  (mpi4py.MPI before petsc4py, alw
 from metasolve.blackbox import BlackBox
 from metasolve.cost import IterationProxy, Iterations, LogResidual
 from metasolve.estimators import SPSA, ControlVariate, Exact, FiniteDifference, ForwardGradient
+from metasolve.meta_solver import MetaSolver
+from metasolve.parallel import MPIExecutor, RemoteError, SerialExecutor
 from metasolve.params import Interval, LogInterval, Space, Vector
 from metasolve.surrogate import Surrogate
+from metasolve.train import Trainer
 
 __all__ = [
     "BlackBox", "ControlVariate", "Exact", "FiniteDifference", "ForwardGradient", "Interval",
-    "IterationProxy", "Iterations", "LogInterval", "LogResidual", "SPSA", "Space", "Surrogate", "Vector",
+    "IterationProxy", "Iterations", "LogInterval", "LogResidual", "MPIExecutor", "MetaSolver", "RemoteError",
+    "SPSA", "SerialExecutor", "Space", "Surrogate", "Trainer", "Vector",
 ]

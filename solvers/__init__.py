@@ -1,8 +1,9 @@
 """The black boxes: real solvers behind one protocol, `oracle(task, setting) -> Outcome`."""
 from solvers._petsc import PETSc  # noqa: F401  (imports mpi4py.MPI first)
+from solvers.executable import ExecutableOracle
 from solvers.ksp import KSPOracle
 from solvers.linear_system import LinearSystem
 from solvers.outcome import Outcome
 from solvers.twins import cg_residuals, jacobi_residuals, twin_for
 
-__all__ = ["KSPOracle", "LinearSystem", "Outcome", "cg_residuals", "jacobi_residuals", "twin_for"]
+__all__ = ["ExecutableOracle", "KSPOracle", "LinearSystem", "Outcome", "cg_residuals", "jacobi_residuals", "twin_for"]

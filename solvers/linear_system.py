@@ -65,7 +65,7 @@ class LinearSystem:
 
     def petsc(self, comm: PETSc.Comm) -> tuple[PETSc.Mat, PETSc.Vec]:
         """(A, b) as PETSc objects on `comm`, built once per communicator and reused."""
-        key = comm.handle if hasattr(comm, "handle") else id(comm)
+        key = comm.tompi4py().py2f()
         if key not in self._on_comm:
             self._on_comm[key] = (self._matrix_on(comm), self._rhs_on(comm))
         return self._on_comm[key]
