@@ -112,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     abort_on_uncaught_exception()
+    # The meta-solver and surrogate are small; the solves are the work. One torch thread per
+    # process keeps torch from contending with PETSc and with the other ranks for the cores.
+    torch.set_num_threads(1)
     try:
         if args.command == "train":
             config = load_config(args.config)
