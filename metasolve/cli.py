@@ -89,7 +89,8 @@ def demo(out: Path) -> None:
     _say(executor, markdown_table(family_table()))
     config_text = resources.files("metasolve").joinpath("demo.toml").read_text()
     config = parse_config(config_text, "metasolve/demo.toml")
-    _say(executor, "\nmetasolve demo 2/2: learn an initial guess for PETSc CG on Poisson2D (control variate)")
+    _say(executor, "\nmetasolve demo 2/2: learn an initial guess for PETSc Richardson + SSOR on Poisson2D "
+                   "(control-variate estimator; config: metasolve/demo.toml)")
     train(config, out)
 
 

@@ -37,15 +37,17 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
                   "eps": (_NUMBER, 1e-3), "distribution": (str, "rademacher"), "combine": (str, "mean")},
     "surrogate": {"hidden": (int, 64), "depth": (int, 2), "lr": (_NUMBER, 1e-3), "steps": (int, 1),
                   "value_weight": (_NUMBER, 1.0), "jvp_weight": (_NUMBER, 1.0)},
-    "model": {"hidden": (int, 64), "depth": (int, 2)},
-    "train": {"steps": (int, 100), "batch_size": (int, 8), "lr": (_NUMBER, 1e-3), "seed": (int, 0),
+    "model": {"hidden": (int, 64), "depth": (int, 2), "normalize": (bool, True)},
+    "train": {"steps": (int, 100), "batch_size": (int, 8), "lr": (_NUMBER, 1e-3), "schedule": (str, "constant"),
+              "seed": (int, 0),
               "checkpoint_every": (int, 10), "eval_every": (int, 0), "out": (str, "runs/metasolve")},
     "evaluate": {"rtol": (_NUMBER, 1e-6), "max_it": (int, 10_000)},
     "parallel": {"group_size": (int, 1)},
 }
 
 SPACE_PART_SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
-    "vector": {"kind": (str, REQUIRED), "basis": (str, "sine"), "modes": (int, None), "scale": (_NUMBER, 1.0)},
+    "vector": {"kind": (str, REQUIRED), "basis": (str, "sine"), "modes": (int, None), "scale": (_NUMBER, 1.0),
+               "decay": (_NUMBER, 0.0)},
     "interval": {"kind": (str, REQUIRED), "lo": (_NUMBER, REQUIRED), "hi": (_NUMBER, REQUIRED)},
     "log_interval": {"kind": (str, REQUIRED), "lo": (_NUMBER, REQUIRED), "hi": (_NUMBER, REQUIRED)},
 }
@@ -63,7 +65,7 @@ def _check_section(where: str, source: str, given: dict, schema: dict) -> dict:
             result[key] = copy.deepcopy(default)
             continue
         value = given[key]
-        if isinstance(value, bool) or not isinstance(value, types):
+        if (isinstance(value, bool) and types is not bool) or not isinstance(value, types):
             expected = " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
             raise ConfigError(f"{source}: {where}.{key} must be {expected}, got {type(value).__name__} {value!r}")
         result[key] = float(value) if types is _NUMBER else value

@@ -32,7 +32,8 @@ def build_space(config: dict, example_task: Any) -> Space:
     for name, part in config["space"].items():
         if part["kind"] == "vector":
             shape = getattr(example_task, "grid_shape", None) or example_task.size
-            parts[name] = Vector(shape, basis=part["basis"], modes=part["modes"], scale=part["scale"])
+            parts[name] = Vector(shape, basis=part["basis"], modes=part["modes"], scale=part["scale"],
+                                 decay=part["decay"])
         elif part["kind"] == "interval":
             parts[name] = Interval(part["lo"], part["hi"])
         else:
@@ -85,6 +86,16 @@ def build_estimator(config: dict, feature_dim: int, theta_dim: int) -> Any:
     raise ValueError(f"estimator.kind must be forward, control_variate, spsa or finite_difference, got {kind!r}")
 
 
+def build_schedule(train: dict, optimizer: torch.optim.Optimizer) -> Any:
+    """`cosine` anneals the learning rate to zero over the run: late steps average the
+    estimator's noise instead of random-walking on it."""
+    if train["schedule"] == "constant":
+        return None
+    if train["schedule"] == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=train["steps"])
+    raise ValueError(f"train.schedule must be 'constant' or 'cosine', got {train['schedule']!r}")
+
+
 def build_experiment(config: dict, executor: Any) -> Experiment:
     problem, train = config["problem"], config["train"]
     torch.manual_seed(train["seed"])
@@ -94,12 +105,13 @@ def build_experiment(config: dict, executor: Any) -> Experiment:
     space = build_space(config, train_tasks[0])
     feature_dim = train_tasks[0].features.shape[0]
     meta_solver = MetaSolver(feature_dim, space, hidden=config["model"]["hidden"], depth=config["model"]["depth"])
-    meta_solver.fit_normalizer(train_tasks)
+    if config["model"]["normalize"]:
+        meta_solver.fit_normalizer(train_tasks)
     estimator = build_estimator(config, feature_dim, space.dim)
     blackbox = BlackBox(build_oracle(config, executor), space, build_cost(config), estimator,
                         executor=executor, seed=train["seed"])
     optimizer = torch.optim.Adam(meta_solver.parameters(), lr=train["lr"])
-    trainer = Trainer(meta_solver, blackbox, optimizer, executor=executor,
-                      checkpoint_every=train["checkpoint_every"], seed=train["seed"])
+    trainer = Trainer(meta_solver, blackbox, optimizer, executor=executor, checkpoint_every=train["checkpoint_every"],
+                      seed=train["seed"], scheduler=build_schedule(train, optimizer))
     evaluation = Iterations(config["evaluate"]["rtol"], config["evaluate"]["max_it"])
     return Experiment(config, family, train_tasks, eval_tasks, meta_solver, blackbox, trainer, evaluation)

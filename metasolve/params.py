@@ -81,15 +81,26 @@ def sine_basis(n: int, modes: int) -> torch.Tensor:
     return torch.sin(math.pi * i * j / (n + 1))
 
 
+def _wavenumber_weights(axes: int, modes: int, decay: float) -> torch.Tensor:
+    """(|κ|/|κ₁|)^(−decay) for the modes of a 1-D or 2-D (row-major, kron-ordered) sine basis."""
+    k = torch.arange(1, modes + 1, dtype=torch.float64)
+    squared = k**2 if axes == 1 else (k[:, None] ** 2 + k[None, :] ** 2).reshape(-1)
+    return (squared / squared[0]) ** (-decay / 2)
+
+
 class Vector:
     """A vector of length n (or a grid of shape (nx, ny), flattened row-major), e.g. an initial guess.
 
     With `basis="sine"` it is spanned by the lowest `modes` sine modes per axis: a forward
     gradient's variance grows with dimension, so a low-dimensional basis is the first variance cut.
+    `decay = p` scales mode κ by (|κ|/|κ₁|)^(−p), so that θ's coordinates have comparable sizes
+    when the vector's spectrum decays: p = 2 for solutions of a Laplacian-like operator, whose
+    coefficients are the right-hand side's divided by eigenvalues ∝ |κ|². Without it, an optimizer
+    that steps every coordinate alike (Adam) overshoots the small high-mode coefficients.
     """
 
     def __init__(self, n: int | tuple[int, int], basis: str = "sine", modes: int | None = None,
-                 scale: float = 1.0) -> None:
+                 scale: float = 1.0, decay: float = 0.0) -> None:
         self.shape = (n,) if isinstance(n, int) else tuple(n)
         if len(self.shape) not in (1, 2) or min(self.shape) < 1:
             raise ValueError(f"Vector needs n >= 1 or a 2-D grid shape, got {n!r}")
@@ -97,9 +108,11 @@ class Vector:
             raise ValueError(f"Vector scale must be positive and finite, got {scale}")
         self.size = int(np.prod(self.shape))
         self.scale = float(scale)
+        if not math.isfinite(decay):
+            raise ValueError(f"Vector decay must be finite, got {decay}")
         if basis == "identity":
-            if modes is not None:
-                raise ValueError("Vector(basis='identity') takes no modes")
+            if modes is not None or decay != 0.0:
+                raise ValueError("Vector(basis='identity') takes no modes and no decay")
             self.basis = None
             self.dim = self.size
         elif basis == "sine":
@@ -107,10 +120,11 @@ class Vector:
                 raise ValueError(f"Vector(basis='sine') needs 1 <= modes <= {min(self.shape)}, got {modes}")
             factors = [sine_basis(n_axis, modes) for n_axis in self.shape]
             self.basis = factors[0] if len(factors) == 1 else torch.kron(factors[0], factors[1])
+            self.basis = self.basis * _wavenumber_weights(len(self.shape), modes, decay)
             self.dim = self.basis.shape[1]
         else:
             raise ValueError(f"unknown Vector basis {basis!r}: use 'sine' or 'identity'")
-        self.basis_name, self.modes = basis, modes
+        self.basis_name, self.modes, self.decay = basis, modes, float(decay)
 
     def decode_tensor(self, raw: torch.Tensor) -> torch.Tensor:
         coefficients = self.scale * raw
@@ -130,7 +144,7 @@ class Vector:
 
     def __repr__(self) -> str:
         n = self.shape[0] if len(self.shape) == 1 else self.shape
-        return f"Vector({n}, basis={self.basis_name!r}, modes={self.modes}, scale={self.scale})"
+        return f"Vector({n}, basis={self.basis_name!r}, modes={self.modes}, scale={self.scale}, decay={self.decay})"
 
 
 class Space:
