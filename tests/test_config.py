@@ -28,7 +28,7 @@ def write(tmp_path, text):
 def test_good_config_gets_defaults(tmp_path):
     config = load_config(write(tmp_path, GOOD))
     assert config["train"]["steps"] == 5 and config["train"]["batch_size"] == 8
-    assert config["space"]["x0"] == {"kind": "vector", "basis": "sine", "modes": 4, "scale": 1.0}
+    assert config["space"]["x0"] == {"kind": "vector", "basis": "sine", "modes": 4, "scale": 1.0, "decay": 0.0}
     assert config["solver"]["rtol"] == 1e-6 and isinstance(config["solver"]["rtol"], float)
 
 
