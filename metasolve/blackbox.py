@@ -19,16 +19,18 @@ class SolveStats:
     """Running counts a training run reports: solves spent, and failures survived."""
 
     solves: int = 0
+    evaluation_solves: int = 0
     failed_queries: int = 0
     failed_centres: int = 0
     failed_task_names: list[str] = field(default_factory=list)
 
     def state_dict(self) -> dict:
-        return {"solves": self.solves, "failed_queries": self.failed_queries, "failed_centres": self.failed_centres}
+        return {"solves": self.solves, "evaluation_solves": self.evaluation_solves,
+                "failed_queries": self.failed_queries, "failed_centres": self.failed_centres}
 
     def load_state_dict(self, state: dict) -> None:
-        self.solves, self.failed_queries, self.failed_centres = (
-            state["solves"], state["failed_queries"], state["failed_centres"])
+        self.solves, self.evaluation_solves = state["solves"], state["evaluation_solves"]
+        self.failed_queries, self.failed_centres = state["failed_queries"], state["failed_centres"]
 
 
 class BlackBox:
@@ -58,16 +60,18 @@ class BlackBox:
         return _BlackBoxFunction.apply(theta.to(torch.float64), self, list(tasks))
 
     def evaluate(self, theta: torch.Tensor, tasks: Sequence[Any]) -> torch.Tensor:
-        """Costs at θ alone (no queries, no gradient): [B, 1 + 0] values' first column."""
+        """Costs at θ alone (no queries, no gradient); counted apart from the training solves,
+        so learning curves against solver calls show what training spent."""
         with torch.no_grad():
             self.space.check(theta)
             points = theta.new_zeros((theta.shape[0], 0, theta.shape[1]))
-            return self._solve(theta.to(torch.float64), points, list(tasks))[:, 0]
+            values = self._solve(theta.to(torch.float64), points, list(tasks), training=False)
+        return values[:, 0]
 
     def _settings(self, points: torch.Tensor) -> list[dict]:
         return [{**self.space.decode(p), **self.cost.overrides} for p in points]
 
-    def _solve(self, theta: torch.Tensor, points: torch.Tensor, tasks: list) -> torch.Tensor:
+    def _solve(self, theta: torch.Tensor, points: torch.Tensor, tasks: list, training: bool = True) -> torch.Tensor:
         """Values [B, 1 + Q] of the centre and every query point; NaN where a solve failed."""
         everything = torch.cat([theta[:, None, :], points], dim=1)
 
@@ -81,12 +85,15 @@ class BlackBox:
 
         values = torch.tensor(self.executor.map(solve_task, range(len(tasks))), dtype=torch.float64)
         values = values.reshape(len(tasks), everything.shape[1])
-        self._count(values, tasks)
+        self._count(values, tasks, training)
         return values
 
-    def _count(self, values: torch.Tensor, tasks: list) -> None:
+    def _count(self, values: torch.Tensor, tasks: list, training: bool) -> None:
         failed = ~torch.isfinite(values)
-        self.stats.solves += values.numel()
+        if training:
+            self.stats.solves += values.numel()
+        else:
+            self.stats.evaluation_solves += values.numel()
         self.stats.failed_centres += int(failed[:, 0].sum())
         self.stats.failed_queries += int(failed[:, 1:].sum())
         bad = [getattr(tasks[b], "name", "") or str(b) for b in range(len(tasks)) if failed[b].any()]

@@ -26,8 +26,10 @@ InitialGuess = Callable[[Any, Mapping[str, Any]], np.ndarray]
 
 _REASONS = {v: k for k, v in vars(PETSc.SNES.ConvergedReason).items() if isinstance(v, int)}
 _FD_STEP = math.sqrt(np.finfo(np.float64).eps)
-_FD_MIN_SCALE = 1e-6
-"""Like PETSc's SNESComputeJacobianDefault: step √eps·u_j, with |u_j| floored at 1e-6."""
+_FD_TYPICAL = 1.0
+"""Typical magnitude of an unknown (Dennis & Schnabel's typ_x): problems are expected to be
+scaled so their unknowns are O(1) or smaller, and an unknown at or near zero still gets a step
+(√eps) large enough that round-off in F does not swamp the difference."""
 
 
 def reason_name(reason: int) -> str:
@@ -36,12 +38,12 @@ def reason_name(reason: int) -> str:
 
 def forward_difference_jacobian(residual: Callable[[np.ndarray], np.ndarray], u: np.ndarray,
                                 f0: np.ndarray, vectorized: bool = False) -> np.ndarray:
-    """Dense J[i, j] ≈ ∂F_i/∂u_j by forward differences, step √eps·max(|u_j|, 1e-6)·sign(u_j).
+    """Dense J[i, j] ≈ ∂F_i/∂u_j by forward differences, step √eps·max(|u_j|, 1)·sign(u_j).
 
     Accurate to about √eps relative, which keeps Newton's convergence quadratic down to
     round-off for the well-scaled problems this is meant for.
     """
-    scale = np.where(np.abs(u) < _FD_MIN_SCALE, _FD_MIN_SCALE, np.abs(u))
+    scale = np.maximum(np.abs(u), _FD_TYPICAL)
     steps = _FD_STEP * scale * np.where(u < 0, -1.0, 1.0)
     steps = (u + steps) - u  # the step actually representable in floating point
     shifted = u[None, :] + np.diag(steps)
@@ -203,9 +205,9 @@ class SNESOracle:
         ksp = snes.getKSP()
         ksp.setType(PETSc.KSP.Type.PREONLY)
         ksp.getPC().setType(PETSc.PC.Type.LU)
-        snes.setConvergenceHistory(length=self.max_it + 1, reset=True)
         snes.setOptionsPrefix(self.prefix)
         snes.setFromOptions()
+        snes.setConvergenceHistory(length=snes.getTolerances()[3] + 1, reset=True)  # max_it after options
 
     def _function(self, task: Any, problem: dict, errors: list[str]) -> Callable:
         """The SNES function: an exception becomes a NaN residual (SNES stops) and a message."""
