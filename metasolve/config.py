@@ -40,7 +40,8 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
     "model": {"hidden": (int, 64), "depth": (int, 2), "normalize": (bool, True)},
     "train": {"steps": (int, 100), "batch_size": (int, 8), "lr": (_NUMBER, 1e-3), "schedule": (str, "constant"),
               "seed": (int, 0),
-              "checkpoint_every": (int, 10), "eval_every": (int, 0), "out": (str, "runs/metasolve")},
+              "checkpoint_every": (int, 10), "eval_every": (int, 0), "out": (str, "runs/metasolve"),
+              "reference_every": (int, 0)},
     "evaluate": {"rtol": (_NUMBER, 1e-6), "max_it": (int, 10_000)},
     "parallel": {"group_size": (int, 1)},
 }

@@ -111,7 +111,12 @@ def build_experiment(config: dict, executor: Any) -> Experiment:
     blackbox = BlackBox(build_oracle(config, executor), space, build_cost(config), estimator,
                         executor=executor, seed=train["seed"])
     optimizer = torch.optim.Adam(meta_solver.parameters(), lr=train["lr"])
+    reference = None
+    if train["reference_every"]:
+        reference = BlackBox(blackbox.oracle, space, blackbox.cost, FiniteDifference(eps=config["estimator"]["eps"]),
+                             executor=executor)
     trainer = Trainer(meta_solver, blackbox, optimizer, executor=executor, checkpoint_every=train["checkpoint_every"],
-                      seed=train["seed"], scheduler=build_schedule(train, optimizer))
+                      seed=train["seed"], scheduler=build_schedule(train, optimizer), reference=reference,
+                      reference_every=train["reference_every"])
     evaluation = Iterations(config["evaluate"]["rtol"], config["evaluate"]["max_it"])
     return Experiment(config, family, train_tasks, eval_tasks, meta_solver, blackbox, trainer, evaluation)

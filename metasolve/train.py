@@ -36,9 +36,14 @@ class Trainer:
     def __init__(self, meta_solver: nn.Module, blackbox: BlackBox, optimizer: torch.optim.Optimizer,
                  loss: Callable[[torch.Tensor], torch.Tensor] | None = None, executor: Any = None,
                  checkpoint_dir: str | Path | None = None, checkpoint_every: int = 10, seed: int = 0,
-                 progress: bool = True, scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> None:
+                 progress: bool = True, scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+                 reference: BlackBox | None = None, reference_every: int = 0) -> None:
+        """`reference` (e.g. the same oracle with `FiniteDifference`) measures, every
+        `reference_every` steps, the cosine between the training estimate of ∂L/∂θ and its own;
+        its solves are counted in its own `stats`, not in the training budget."""
         self.meta_solver, self.blackbox, self.optimizer = meta_solver, blackbox, optimizer
         self.scheduler = scheduler
+        self.reference, self.reference_every = reference, int(reference_every)
         self.loss = loss if loss is not None else torch.mean
         self.executor = executor if executor is not None else blackbox.executor
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
@@ -68,6 +73,8 @@ class Trainer:
             state["surrogate"] = self._surrogate.state_dict()
         if self.scheduler is not None:
             state["scheduler"] = self.scheduler.state_dict()
+        if self.reference is not None:
+            state["reference_generator"] = self.reference.generator.get_state()
         if isinstance(self.meta_solver, MetaSolver):
             state["meta_solver"] = self.meta_solver.export()
         return state
@@ -84,6 +91,8 @@ class Trainer:
             self._surrogate.load_state_dict(state["surrogate"])
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
+        if self.reference is not None:
+            self.reference.generator.set_state(state["reference_generator"])
 
     def _resume(self) -> None:
         if self.checkpoint_dir is None:
@@ -130,6 +139,10 @@ class Trainer:
         chosen = torch.randperm(len(train_tasks), generator=self.sampler)[:batch_size].tolist()
         batch = [train_tasks[i] for i in chosen]
         theta = self.meta_solver(_features(batch))
+        measure = self.reference is not None and self.reference_every and (self.step + 1) % self.reference_every == 0
+        estimate: list[torch.Tensor] = []
+        if measure:
+            theta.register_hook(estimate.append)
         loss = self.loss(self.blackbox(theta, batch))
         self.optimizer.zero_grad()
         loss.backward()
@@ -143,7 +156,14 @@ class Trainer:
                "seconds": time.perf_counter() - begin}
         if self._surrogate is not None:
             row["surrogate_loss"] = self._surrogate.last_loss
+        if measure:
+            row["gradient_cosine"] = self._reference_cosine(theta.detach(), batch, estimate[0])
         return row
+
+    def _reference_cosine(self, theta: torch.Tensor, batch: list, estimate: torch.Tensor) -> float:
+        leaf = theta.clone().requires_grad_(True)
+        self.loss(self.reference(leaf, batch)).backward()
+        return float(torch.nn.functional.cosine_similarity(estimate.reshape(-1), leaf.grad.reshape(-1), dim=0))
 
     def evaluate_cost(self, tasks: Sequence[Any]) -> float:
         """Mean training cost on `tasks` at the predicted θ (one solve per task, no gradient)."""

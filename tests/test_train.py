@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from metasolve import BlackBox, ControlVariate, ForwardGradient, LogResidual, Space, Surrogate, Vector
+from metasolve import BlackBox, ControlVariate, FiniteDifference, ForwardGradient, LogResidual, Space, Surrogate, Vector
 from metasolve.checkpoint import list_checkpoints
 from metasolve.meta_solver import MetaSolver
 from metasolve.train import Trainer
@@ -122,3 +122,16 @@ def test_apply_sets_options_under_the_users_prefix():
     oracle = KSPOracle(ksp_type="richardson", pc_type="sor", rtol=1e-6, max_it=20000)
     assert ksp.getIterationNumber() == oracle(task, {"pc_sor_omega": 1.7}).iterations
     assert ksp.getIterationNumber() != oracle(task).iterations
+
+
+def test_gradient_cosine_to_a_finite_difference_reference_is_recorded():
+    trainer = make_trainer(control_variate=False)
+    box = trainer.blackbox
+    trainer.reference = BlackBox(box.oracle, box.space, box.cost, FiniteDifference(eps=1e-4))
+    trainer.reference_every = 2
+    history = trainer.fit(smooth_tasks(8), steps=4, batch_size=4)
+    cosines = [row["gradient_cosine"] for row in history if "gradient_cosine" in row]
+    # Two tangents in d = 4: a forward gradient is a noisy but positively aligned estimate.
+    assert len(cosines) == 2 and all(-1.0 <= c <= 1.0 for c in cosines) and max(cosines) > 0
+    assert trainer.reference.stats.solves == 2 * 4 * (1 + MODES)
+    assert box.stats.solves == 4 * 4 * 3
