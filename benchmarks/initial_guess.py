@@ -1,6 +1,7 @@
 """[initial_guess] Learned initial guesses vs the zero guess and PETSc's own guess accelerators.
 
-Poisson2D(32) (every sine mode present, so no small fixed subspace holds the solutions), all
+Poisson2D(32) (every sine mode present, so no small fixed subspace holds the solutions) and
+Diffusion on a fixed 24 x 24 grid (lognormal coefficients: the operator changes per task), all
 methods side by side on the same unseen tasks, iterations and time to rtol 1e-6:
 - zero guess;
 - PETSc's `-ksp_guess_type fischer` and `pod` run over the evaluation sequence (several basis
@@ -10,9 +11,9 @@ methods side by side on the same unseen tasks, iterations and time to rtol 1e-6:
 - the full finite-difference gradient (d + 1 solves per sample: the non-intrusive ceiling) and,
   for CG, the exact gradient through the differentiable twin (CG + Jacobi on a constant-diagonal
   matrix is unpreconditioned CG scaled, so the twin's residual history is PETSc's).
-Two solvers: Richardson + SSOR (PETSc's default SOR), where a guess pays off, and CG + Jacobi,
-which needs a guess accurate to ~1e-4 before it saves iterations (measured: an exact 8x8-mode
-guess takes CG from 85 to 22 iterations, the same guess with 1% error to 71).
+Two solvers on Poisson2D: Richardson + SSOR (PETSc's default SOR), where a guess pays off, and
+CG + Jacobi, which needs a guess accurate to ~1e-4 before it saves iterations (measured: an exact
+8x8-mode guess takes CG from 85 to 22 iterations, the same guess with 1% error to 71).
 """
 from __future__ import annotations
 
@@ -30,13 +31,15 @@ import torch  # noqa: E402
 from metasolve import (BlackBox, ControlVariate, Exact, FiniteDifference, ForwardGradient, Iterations,  # noqa: E402
                        LogResidual, MetaSolver, Space, Surrogate, Trainer, Vector)
 from metasolve.report import markdown_table  # noqa: E402
-from problems import Poisson2D  # noqa: E402
+from problems import Diffusion, Poisson2D  # noqa: E402
 from solvers import KSPOracle, PETSc, cg_residuals  # noqa: E402
 
 RTOL = 1e-6
-SOLVERS = {
-    "richardson+ssor": dict(ksp_type="richardson", pc_type="sor"),
-    "cg+jacobi": dict(ksp_type="cg", pc_type="jacobi"),
+SSOR, CG = dict(ksp_type="richardson", pc_type="sor"), dict(ksp_type="cg", pc_type="jacobi")
+CASES = {  # name: (family, grid, solver, x0 scale, whether the CG twin gives exact gradients)
+    "poisson2d richardson+ssor": (Poisson2D(32), 32, SSOR, 50.0, False),
+    "poisson2d cg+jacobi": (Poisson2D(32), 32, CG, 50.0, True),
+    "diffusion richardson+ssor": (Diffusion(n_range=24), 24, SSOR, 0.3, False),
 }
 
 
@@ -62,6 +65,9 @@ def petsc_guess_iterations(tasks: list, solver: dict, guess: str, size: int) -> 
     results = []
     for task in tasks:
         _, b = task.petsc(PETSc.COMM_SELF)
+        if task.A is not tasks[0].A:  # a new operator (Diffusion); Poisson2D tasks share theirs
+            A, _ = task.petsc(PETSc.COMM_SELF)
+            ksp.setOperators(A)
         x = A.createVecRight()
         begin = time.perf_counter()
         ksp.solve(b, x)
@@ -70,13 +76,6 @@ def petsc_guess_iterations(tasks: list, solver: dict, guess: str, size: int) -> 
     for name in names:
         database.delValue(f"-{prefix}{name}")
     return results
-
-
-def make_space() -> Space:
-    return Space({"x0": Vector((32, 32), basis="sine", modes=4, scale=50.0, decay=DECAY)})
-
-
-DECAY = 0.0
 
 
 def train(train_tasks: list, solver: dict, method: str, steps: int, seed: int, space: Space) -> Trainer:
@@ -111,14 +110,13 @@ def _twin_cost(space: Space, theta: torch.Tensor, task) -> torch.Tensor:
 
 
 def run(out: Path, quick: bool = False) -> dict:
-    family = Poisson2D(32)
-    train_tasks = family.train_tasks(128 if quick else 512)
-    eval_tasks = family.eval_tasks(8 if quick else 32)
     steps = 60 if quick else 600
-    seeds = [0] if quick else [0, 1]
-    space = make_space()
     rows, curves, distributions = [], {}, {}
-    for solver_name, solver in SOLVERS.items():
+    for solver_name, (family, grid, solver, scale, has_twin) in CASES.items():
+        train_tasks = family.train_tasks(128 if quick else 512)
+        eval_tasks = family.eval_tasks(8 if quick else 32)
+        seeds = [0] if quick or solver_name.startswith("diffusion") else [0, 1]
+        space = Space({"x0": Vector((grid, grid), basis="sine", modes=4, scale=scale)})
         results: dict[str, list[dict]] = {}
         zero = [KSPOracle(**solver, rtol=RTOL, max_it=20_000)(task) for task in eval_tasks]
         results["zero guess"] = [{"iterations": [o.iterations for o in zero],
@@ -129,7 +127,7 @@ def run(out: Path, quick: bool = False) -> dict:
             results[f"PETSc {guess} (best size)"] = [{"iterations": [i for i, _ in best],
                                                       "seconds": [s for _, s in best], "solves": 0}]
         methods = ["forward gradient", "control variate"]
-        ceilings = ["finite differences"] + (["exact (twin)"] if solver_name == "cg+jacobi" else [])
+        ceilings = ["finite differences"] + (["exact (twin)"] if has_twin else [])
         for method in methods + ceilings:
             for seed in (seeds if method in methods else seeds[:1]):
                 ceiling_steps = max(steps // 5, 10) if method == "finite differences" else steps
@@ -178,7 +176,7 @@ def _plot(distributions: dict, curves: dict, out: Path) -> None:
 
 def _markdown(rows: list[dict], quick: bool) -> str:
     verdicts = []
-    for solver in SOLVERS:
+    for solver in CASES:
         by = {r["method"]: r for r in rows if r["solver"] == solver}
         cv = by["control variate"]["mean iterations (median over seeds)"]
         zero = by["zero guess"]["mean iterations (median over seeds)"]
@@ -191,7 +189,7 @@ def _markdown(rows: list[dict], quick: bool) -> str:
                         f"vs the gradient ceiling {ceiling:.0f} ({100 * (cv / ceiling - 1):+.0f}%, goal within 10%: "
                         f"{'met' if cv <= 1.1 * ceiling else 'missed'}).")
     note = " (quick mode: tiny budgets, numbers not meaningful)" if quick else ""
-    return (f"Poisson2D(32), x0 in the 4x4 lowest sine modes, LogResidual({ITERATIONS}) training cost, batch "
+    return (f"x0 in the 4x4 lowest sine modes, LogResidual({ITERATIONS}) training cost, batch "
             f"{BATCH}, linear meta-solver on the family's features, Adam 1e-3 cosine-annealed{note}.\n\n"
             f"{markdown_table(rows)}\n\n" + "\n".join(verdicts) +
             "\n\n![iterations](initial_guess_iterations.png) ![curves](initial_guess_learning_curves.png)")
