@@ -67,7 +67,7 @@ def build_oracle(config: dict, executor: Any) -> Any:
     raise ValueError(f"solver.kind must be 'ksp' or 'executable', got {solver['kind']!r}")
 
 
-def build_estimator(config: dict, feature_dim: int, theta_dim: int) -> Any:
+def build_estimator(config: dict, features: torch.Tensor, theta_dim: int) -> Any:
     spec = config["estimator"]
     kind = spec["kind"]
     if kind == "finite_difference":
@@ -80,7 +80,8 @@ def build_estimator(config: dict, feature_dim: int, theta_dim: int) -> Any:
         return base
     if kind == "control_variate":
         s = config["surrogate"]
-        net = Surrogate.mlp(feature_dim, theta_dim, hidden=s["hidden"], depth=s["depth"])
+        sample = torch.cat([features, torch.zeros(features.shape[0], theta_dim, dtype=torch.float64)], dim=1)
+        net = Surrogate.mlp(features.shape[1], theta_dim, hidden=s["hidden"], depth=s["depth"], inputs=sample)
         return ControlVariate(base, Surrogate(net, lr=s["lr"], value_weight=s["value_weight"],
                                               jvp_weight=s["jvp_weight"], steps=s["steps"]))
     raise ValueError(f"estimator.kind must be forward, control_variate, spsa or finite_difference, got {kind!r}")
@@ -107,7 +108,7 @@ def build_experiment(config: dict, executor: Any) -> Experiment:
     meta_solver = MetaSolver(feature_dim, space, hidden=config["model"]["hidden"], depth=config["model"]["depth"])
     if config["model"]["normalize"]:
         meta_solver.fit_normalizer(train_tasks)
-    estimator = build_estimator(config, feature_dim, space.dim)
+    estimator = build_estimator(config, torch.stack([t.features for t in train_tasks]), space.dim)
     blackbox = BlackBox(build_oracle(config, executor), space, build_cost(config), estimator,
                         executor=executor, seed=train["seed"])
     optimizer = torch.optim.Adam(meta_solver.parameters(), lr=train["lr"])
