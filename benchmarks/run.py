@@ -10,8 +10,6 @@ import json
 import time
 from pathlib import Path
 
-from metasolve.report import markdown_table
-
 RESULTS = Path(__file__).resolve().parent / "results"
 SECTIONS = ["overhead", "estimators", "initial_guess", "options", "mpi_throughput", "wall_model", "executable"]
 
@@ -34,12 +32,16 @@ def run_benchmarks(only: list[str] | None = None, quick: bool = False, out: Path
         (out / f"{name}.md").write_text(f"# [{name}]\n\n{result['markdown']}\n")
         print(result["markdown"], flush=True)
         results[name] = result
-    index = [f"# metasolve benchmark results\n", f"Sections run: {', '.join(chosen)}.\n"]
-    for name, result in results.items():
-        index.append(f"## [{name}] ({result['seconds']:.0f} s)\n\n{result['markdown']}\n")
-    (out / "README.md" if only is None else out / f"index-{'-'.join(chosen)}.md").write_text("\n".join(index))
+    _write_index(out)
     return results
 
 
-def _rows_to_markdown(rows: list[dict]) -> str:
-    return markdown_table(rows)
+def _write_index(out: Path) -> None:
+    """README.md gathering every section's latest result, whichever run produced it."""
+    parts = ["# metasolve benchmark results\n", "Written by `make bench` (`metasolve bench`); each section "
+             "is the latest run of it, with its wall time in `<section>.json`.\n"]
+    for name in SECTIONS:
+        page = out / f"{name}.md"
+        if page.exists():
+            parts.append(page.read_text().replace(f"# [{name}]", f"## [{name}]", 1))
+    (out / "README.md").write_text("\n".join(parts))
