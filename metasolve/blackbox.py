@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from metasolve.cost import LogResidual
 from metasolve.estimators import Estimator
 from metasolve.params import Space
 from metasolve.parallel import SerialExecutor
@@ -22,7 +21,6 @@ class SolveStats:
     evaluation_solves: int = 0
     failed_queries: int = 0
     failed_centres: int = 0
-    failed_task_names: list[str] = field(default_factory=list)
 
     def state_dict(self) -> dict:
         return {"solves": self.solves, "evaluation_solves": self.evaluation_solves,
@@ -41,12 +39,9 @@ class BlackBox:
     once). Backward returns the estimator's gradient times the upstream gradient.
     """
 
-    def __init__(self, oracle: Any, space: Space, cost: Any = None, estimator: Estimator | None = None,
-                 executor: Any = None, seed: int = 0) -> None:
-        if estimator is None:
-            raise ValueError("BlackBox needs an estimator (e.g. ForwardGradient or ControlVariate)")
-        self.oracle, self.space, self.estimator = oracle, space, estimator
-        self.cost = cost if cost is not None else LogResidual(10)
+    def __init__(self, oracle: Any, space: Space, cost: Any, estimator: Estimator, executor: Any = None,
+                 seed: int = 0) -> None:
+        self.oracle, self.space, self.cost, self.estimator = oracle, space, cost, estimator
         self.executor = executor if executor is not None else SerialExecutor()
         self.generator = torch.Generator().manual_seed(seed)
         self.stats = SolveStats()
@@ -98,7 +93,6 @@ class BlackBox:
         self.stats.failed_queries += int(failed[:, 1:].sum())
         bad = [getattr(tasks[b], "name", "") or str(b) for b in range(len(tasks)) if failed[b].any()]
         if bad:
-            self.stats.failed_task_names = bad
             warnings.warn(f"{int(failed.sum())} solve(s) failed in tasks {bad}: dropped from the gradient estimate",
                           RuntimeWarning, stacklevel=4)
 
