@@ -17,7 +17,6 @@ from metasolve.blackbox import BlackBox
 from metasolve.checkpoint import load_latest, save_checkpoint
 from metasolve.cost import Iterations
 from metasolve.meta_solver import MetaSolver
-from metasolve.parallel import SerialExecutor
 
 
 def _features(tasks: Sequence[Any]) -> torch.Tensor:
