@@ -36,6 +36,14 @@ def _say(executor, text: str) -> None:
         print(text, flush=True)
 
 
+def _baseline(config: dict) -> dict:
+    """The setting the learned one is compared with: the solver as configured, with no options
+    changed and a zero initial guess — named for what the config learns."""
+    learned = config["space"]
+    name = "zero guess" if list(learned) == ["x0"] else "configured defaults"
+    return {name: {}}
+
+
 def train(config: dict, out: Path, resume: bool = False, quiet: bool = False) -> tuple[Experiment, dict]:
     """Train, evaluate against the default setting, write report + deployable meta-solver to `out`."""
     executor = make_executor(config["parallel"]["group_size"])
@@ -53,7 +61,7 @@ def train(config: dict, out: Path, resume: bool = False, quiet: bool = False) ->
                           eval_tasks=experiment.eval_tasks, eval_every=settings["eval_every"],
                           resume=resume, metrics_path=out / "metrics.jsonl")
     seconds = time.perf_counter() - begin
-    evaluation = trainer.evaluate(experiment.eval_tasks, baselines={"default": {}}, cost=experiment.evaluation_cost)
+    evaluation = trainer.evaluate(experiment.eval_tasks, baselines=_baseline(config), cost=experiment.evaluation_cost)
     if executor.is_root:
         experiment.meta_solver.save(out / "meta_solver.pt")
         (out / "evaluation.json").write_text(json.dumps({"train_seconds": seconds, "evaluation": evaluation}, indent=1))
@@ -74,7 +82,7 @@ def evaluate(checkpoint: Path, tasks: int | None) -> dict:
     executor = make_executor(config["parallel"]["group_size"])
     experiment = build_experiment(config, executor)
     experiment.trainer.load_state_dict(state)
-    evaluation = experiment.trainer.evaluate(experiment.eval_tasks, baselines={"default": {}},
+    evaluation = experiment.trainer.evaluate(experiment.eval_tasks, baselines=_baseline(config),
                                              cost=experiment.evaluation_cost)
     _say(executor, markdown_table(summarize(evaluation)))
     return evaluation
