@@ -53,7 +53,13 @@ fi
 PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
 
 echo "setup: installing MPI, numpy, scipy, torch and tools into $VENV" >&2
-"${PIP[@]}" mpich mpi4py numpy scipy "torch==2.13.0" tqdm matplotlib pytest
+if [[ -n "${PETSC_DIR:-}" && -n "${MPICC:-}" ]]; then
+    # A site PETSc: mpi4py must use the MPI that PETSc was built with, not the mpich wheel.
+    "${PIP[@]}" --no-binary mpi4py mpi4py
+else
+    "${PIP[@]}" mpich mpi4py
+fi
+"${PIP[@]}" numpy scipy "torch==2.13.0" tqdm matplotlib pytest
 
 if [[ -n "${PETSC_DIR:-}" ]]; then
     echo "setup: building petsc4py against PETSC_DIR=$PETSC_DIR PETSC_ARCH=${PETSC_ARCH:-}" >&2
