@@ -11,6 +11,7 @@ the item alone (a rank's private state, such as a random generator it advances, 
 from __future__ import annotations
 
 import sys
+import time
 import traceback
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
@@ -119,6 +120,9 @@ class MPIExecutor:
         self.comm.Barrier()
 
 
+ABORT_GRACE_SECONDS = 1.0
+
+
 def abort_on_uncaught_exception() -> None:
     """Let an exception that escapes on one rank end the whole MPI job instead of hanging it.
 
@@ -131,10 +135,15 @@ def abort_on_uncaught_exception() -> None:
         return
 
     def print_and_abort(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        rank = MPI.COMM_WORLD.Get_rank()
+        print(f"error on rank {rank}: {kind.__name__}: {value}", file=sys.stderr, flush=True)
         previous(kind, value, tb)
         sys.stdout.flush()
         sys.stderr.flush()
         if MPI.COMM_WORLD.Get_size() > 1:
+            # MPI_Abort kills every rank at once, output still in flight included: give the
+            # launcher a moment to forward what this rank (and others failing alike) printed.
+            time.sleep(ABORT_GRACE_SECONDS)
             MPI.COMM_WORLD.Abort(1)
 
     print_and_abort.aborts_mpi = True  # type: ignore[attr-defined]
