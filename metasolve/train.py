@@ -151,7 +151,7 @@ class Trainer:
         self.step += 1
         stats = self.blackbox.stats
         row = {"step": self.step, "loss": float(loss.detach()), "solves": stats.solves,
-               "failed_queries": stats.failed_queries, "failed_centres": stats.failed_centres,
+               "evaluation_solves": stats.evaluation_solves, "failed_queries": stats.failed_queries, "failed_centres": stats.failed_centres,
                "seconds": time.perf_counter() - begin}
         if self._surrogate is not None:
             row["surrogate_loss"] = self._surrogate.last_loss
