@@ -83,7 +83,7 @@ class ForwardGradient:
         Tangents are read back from the query points, so the estimate uses the perturbation that
         was actually applied; entries known to be ±1/0 are snapped back exactly.
         """
-        k = self.tangents
+        k = points.shape[1] if self.difference == "forward" else points.shape[1] // 2
         tangents = (points[:, :k] - theta[:, None, :]) / self.eps
         if self.distribution == "rademacher":
             tangents = torch.sign(tangents)
@@ -123,7 +123,6 @@ class FiniteDifference(ForwardGradient):
                          combine="projection")
 
     def sample_tangents(self, batch: int, dim: int, generator: torch.Generator) -> torch.Tensor:
-        self.tangents = dim
         return torch.eye(dim, dtype=torch.float64).expand(batch, dim, dim)
 
     def __repr__(self) -> str:

@@ -8,16 +8,9 @@ from typing import Any
 import numpy as np
 
 from solvers._petsc import PETSc
-from solvers.linear_system import LinearSystem
+from solvers.linear_system import LinearSystem, gather
 from solvers.options import option_name, prefixed_options, unique_prefix, unused_options
 from solvers.outcome import Outcome
-
-_REASONS = {v: k for k, v in vars(PETSc.KSP.ConvergedReason).items() if isinstance(v, int)}
-
-
-def reason_name(reason: int) -> str:
-    return _REASONS.get(reason, str(reason))
-
 
 class KSPOracle:
     """PETSc KSP as a pure function of (task, setting).
@@ -184,15 +177,8 @@ class KSPOracle:
             reason=reason,
             converged=reason > 0,
             seconds=seconds,
-            solution=self._gather(x) if self.return_solution else None,
+            solution=gather(x) if self.return_solution else None,
             setup_seconds=setup_seconds,
             hit_max_it=reason == PETSc.KSP.ConvergedReason.DIVERGED_MAX_IT,
             norm_type=norm_type,
         )
-
-    def _gather(self, x: PETSc.Vec) -> np.ndarray:
-        if x.getComm().getSize() == 1:
-            return x.getArray().copy()
-        scatter, whole = PETSc.Scatter.toAll(x)
-        scatter.scatter(x, whole, addv=PETSc.InsertMode.INSERT_VALUES)
-        return whole.getArray().copy()

@@ -57,11 +57,7 @@ class LinearSystem:
 
     def b_array(self) -> np.ndarray:
         """The whole right-hand side as a NumPy array (gathered if `b` is distributed)."""
-        if isinstance(self.b, np.ndarray):
-            return self.b
-        scatter, whole = PETSc.Scatter.toAll(self.b)
-        scatter.scatter(self.b, whole, addv=PETSc.InsertMode.INSERT_VALUES)
-        return whole.getArray().copy()
+        return self.b if isinstance(self.b, np.ndarray) else gather(self.b)
 
     def petsc(self, comm: PETSc.Comm) -> tuple[PETSc.Mat, PETSc.Vec]:
         """(A, b) as PETSc objects on `comm`, built once per communicator and reused."""
@@ -95,3 +91,12 @@ class LinearSystem:
         start, end = vec.getOwnershipRange()
         vec.setArray(self.b[start:end])
         return vec
+
+
+def gather(vec: PETSc.Vec) -> np.ndarray:
+    """The whole of a (possibly distributed) Vec as a NumPy array, on every rank."""
+    if vec.getComm().getSize() == 1:
+        return vec.getArray().copy()
+    scatter, whole = PETSc.Scatter.toAll(vec)
+    scatter.scatter(vec, whole, addv=PETSc.InsertMode.INSERT_VALUES)
+    return whole.getArray().copy()
