@@ -11,9 +11,9 @@ import glob
 import itertools
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import petsc4py
@@ -52,18 +52,71 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
+class SplitSetting(NamedTuple):
+    """A setting taken apart: the initial guess, PETSc options (name → text), everything else."""
+
+    guess: np.ndarray | None
+    options: dict[str, str]
+    other: dict[str, Any]
+
+
+def split_setting(setting: Mapping[str, Any], base: Mapping[str, Any] | None = None, *, guess: str = "x0",
+                  size: int | None = None, keep: Collection[str] = ()) -> SplitSetting:
+    """The one path from a setting to PETSc options, shared by every oracle and by deployment.
+
+    `setting[guess]` becomes a float64 vector (checked: 1-D, finite, `size` entries if given),
+    names in `keep` are passed through untouched (e.g. a wall model's parameters), and every
+    other entry is a PETSc option: its name normalised (`-pc_sor_omega` → `pc_sor_omega`), its
+    value in PETSc's text form, laid over the `base` options. Options are text from here on, so
+    two settings that mean the same options compare equal and the database sees exactly what
+    a command line would carry.
+    """
+    options = {option_name(k): format_value(v) for k, v in (base or {}).items()}
+    other: dict[str, Any] = {}
+    vector = None
+    for key, value in setting.items():
+        if key == guess:
+            vector = np.array(value, dtype=np.float64)
+            if vector.ndim != 1 or vector.size == 0 or (size is not None and vector.shape != (size,)):
+                expected = f"{size} unknowns" if size is not None else "a non-empty vector expected"
+                raise ValueError(f"{guess} has shape {vector.shape}, the system has {expected}")
+            if not np.all(np.isfinite(vector)):
+                raise ValueError(f"{guess} contains non-finite values")
+        elif key in keep:
+            other[key] = value
+        else:
+            options[option_name(key)] = format_value(value)
+    return SplitSetting(vector, options, other)
+
+
+def command_line(options: Mapping[str, str], prefix: str = "") -> list[str]:
+    """`options` (from `split_setting`) as command-line arguments: `-<prefix>name [value]`."""
+    arguments = []
+    for name, text in options.items():
+        arguments += [f"-{prefix}{name}"] + ([text] if text else [])
+    return arguments
+
+
 @contextmanager
 def prefixed_options(prefix: str, options: Mapping[str, Any]) -> Iterator[None]:
-    """Put `options` into the global database under `prefix` and delete them afterwards."""
+    """Put `options` into the global database under `prefix`; afterwards leave it as found.
+
+    An option that was already set (a user's own `-mycode_pc_sor_omega 1.2`) gets its old
+    value back; one that was not is deleted.
+    """
     db = PETSc.Options()
-    names = [option_name(k) for k in options]
+    names = [f"-{prefix}{option_name(k)}" for k in options]
+    previous = {name: db.getString(name) for name in names if db.hasName(name)}
     try:
         for name, value in zip(names, options.values()):
-            db.setValue(f"-{prefix}{name}", format_value(value))
+            db.setValue(name, format_value(value))
         yield
     finally:
         for name in names:
-            db.delValue(f"-{prefix}{name}")
+            if name in previous:
+                db.setValue(name, previous[name])
+            else:
+                db.delValue(name)
 
 
 def _libpetsc() -> ctypes.CDLL:
