@@ -121,18 +121,18 @@ class KSPOracle:
         A, b = task.petsc(self.comm)
         outcomes = []
         with prefixed_options(self.prefix, options):
-            start = time.perf_counter()
+            start, start_flops = time.perf_counter(), PETSc.Log.getFlops()
             try:
                 ksp, norm_type = self._set_up(A)
             except PETSc.Error as error:
                 message = f"PETSc error during KSP setup ({self.ksp_type}/{self.pc_type}): {error}"
                 return [Outcome.failure(message, seconds=time.perf_counter() - start) for _ in guesses]
-            setup_seconds = time.perf_counter() - start
+            setup_seconds, setup_flops = time.perf_counter() - start, PETSc.Log.getFlops() - start_flops
             try:
                 self._record_history(ksp)
                 x = A.createVecRight()
                 for i, x0 in enumerate(guesses):
-                    outcomes.append(self._solve_one(ksp, b, x, x0, setup_seconds, norm_type))
+                    outcomes.append(self._solve_one(ksp, b, x, x0, setup_seconds, norm_type, setup_flops))
                     if i == 0:
                         unused = unused_options(self.prefix, list(options))
                         if unused:
@@ -156,7 +156,7 @@ class KSPOracle:
             ksp.setMonitor(lambda *_: None)
 
     def _solve_one(self, ksp: PETSc.KSP, b: PETSc.Vec, x: PETSc.Vec, x0: np.ndarray | None,
-                   setup_seconds: float, norm_type: str) -> Outcome:
+                   setup_seconds: float, norm_type: str, setup_flops: float = 0.0) -> Outcome:
         if x0 is None:
             x.zeroEntries()
             ksp.setInitialGuessNonzero(False)
@@ -164,12 +164,12 @@ class KSPOracle:
             start, end = x.getOwnershipRange()
             x.setArray(x0[start:end])
             ksp.setInitialGuessNonzero(True)
-        begin = time.perf_counter()
+        begin, begin_flops = time.perf_counter(), PETSc.Log.getFlops()
         try:
             ksp.solve(b, x)
         except PETSc.Error as error:
             return Outcome.failure(f"PETSc error in KSPSolve: {error}", seconds=time.perf_counter() - begin)
-        seconds = time.perf_counter() - begin
+        seconds, flops = time.perf_counter() - begin, PETSc.Log.getFlops() - begin_flops
         reason = int(ksp.getConvergedReason())
         return Outcome(
             residuals=np.array(ksp.getConvergenceHistory(), dtype=np.float64),
@@ -181,4 +181,6 @@ class KSPOracle:
             setup_seconds=setup_seconds,
             hit_max_it=reason == PETSc.KSP.ConvergedReason.DIVERGED_MAX_IT,
             norm_type=norm_type,
+            flops=flops,
+            setup_flops=setup_flops,
         )

@@ -13,7 +13,8 @@ class Outcome:
     `residuals` is the residual-norm history starting at iteration 0 (float64). A solve that
     only ran out of its iteration budget (`hit_max_it`) is usable data for costs measured after a
     fixed number of iterations; `failed` marks everything that is not: PETSc errors, crashes,
-    divergence, non-finite residuals.
+    divergence, non-finite residuals. `flops`/`setup_flops` are PETSc's own flop counts
+    (`PetscGetFlops`) of the solve and of the setup, where the oracle counts them (0 otherwise).
     """
 
     residuals: np.ndarray
@@ -26,6 +27,8 @@ class Outcome:
     setup_seconds: float = 0.0
     hit_max_it: bool = False
     norm_type: str = "unpreconditioned"
+    flops: float = 0.0
+    setup_flops: float = 0.0
 
     @property
     def failed(self) -> bool:
