@@ -1,7 +1,7 @@
 """What one black-box solve returns."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -29,6 +29,9 @@ class Outcome:
     norm_type: str = "unpreconditioned"
     flops: float = 0.0
     setup_flops: float = 0.0
+    solves: list = field(default_factory=list)
+    """A program run's every solve (`solvers.monitor_parser.LinearSolve`/`NonlinearSolve`) in
+    print order; the fields above aggregate them (`solvers.executable`). Empty for one in-process solve."""
 
     @property
     def failed(self) -> bool:
