@@ -1,9 +1,17 @@
 """Costs: an Outcome (and its task) → one float.
 
 Training needs a cost that is smooth in θ. A tolerance-stopped iteration count is a step
-function, so the training costs run a fixed iteration budget (`overrides` tell the oracle) and
-read the residual history; `Iterations` is for evaluation only. A failed Outcome costs NaN in
-training (the estimator drops it) and `failure_value` in reports.
+function, so the training costs read the residual history (`overrides` tell the oracle the
+budget and where it may stop); `Iterations` is for evaluation only. A failed Outcome costs NaN
+in training (the estimator drops it) and `failure_value` in reports.
+
+Which training cost (measured with exact gradients through the differentiable twins, so the
+objective is judged apart from the estimator; `benchmarks/initial_guess.py`): iterations to a
+tolerance are set by the slowest error component, so a cost must see every slow component for
+as long as it is above the tolerance. `LogResidual(k)` sees only iteration k (blind to what is
+slow after k), `IterationProxy` only the iterations near the tolerance crossing; `ResidualArea`
+sums the log residual over every iteration until the residual is far below the tolerance, so each
+component contributes as long as it is alive. It is the default.
 """
 from __future__ import annotations
 
@@ -16,7 +24,8 @@ from solvers.outcome import Outcome
 
 
 def _rhs_norm(task: Any) -> float:
-    norm = float(np.linalg.norm(task.b_array()))
+    """‖b‖, or a nonlinear task's `reference_norm` (e.g. ‖F(0)‖, the zero guess's residual)."""
+    norm = float(task.reference_norm) if hasattr(task, "reference_norm") else float(np.linalg.norm(task.b_array()))
     if not norm > 0:
         raise ValueError(f"task {getattr(task, 'name', '')!r} has a zero right-hand side: relative residuals are undefined")
     return norm
@@ -44,11 +53,19 @@ class LogResidual:
         return f"LogResidual({self.iterations})"
 
 
+def stop_decades(sharpness: float) -> float:
+    """How far below the tolerance a sigmoid-counted iterate adds < 1e-3: sigmoid(−sharpness·d)
+    < 1e-3 for d > ln(999)/sharpness decades (1.7 at sharpness 4); never less than two decades."""
+    return max(2.0, math.log(999.0) / sharpness)
+
+
 class IterationProxy:
     """NI-GBMS's smoothed iteration count: Σ_i sigmoid(sharpness·(log10(‖r_i‖/‖b‖) − log10 rtol)).
 
     Each iterate still above the tolerance counts ≈1 and each below ≈0, so the sum tracks the
-    iteration count while staying differentiable in the residuals.
+    iteration count while staying differentiable in the residuals. The solve stops once the
+    residual is `stop_decades(sharpness)` below the tolerance, where every later term is < 1e-3
+    and keeps falling geometrically, instead of running all `max_it` iterations.
     """
 
     def __init__(self, rtol: float, max_it: int = 100, sharpness: float = 4.0) -> None:
@@ -57,20 +74,107 @@ class IterationProxy:
         if max_it < 1 or not sharpness > 0:
             raise ValueError(f"IterationProxy needs max_it >= 1 and sharpness > 0, got {max_it}, {sharpness}")
         self.rtol, self.max_it, self.sharpness = float(rtol), int(max_it), float(sharpness)
-        self.overrides = {"ksp_max_it": self.max_it, "ksp_rtol": 0.0, "ksp_atol": 0.0}
+        stop = self.rtol * 10.0 ** -stop_decades(self.sharpness)
+        self.overrides = {"ksp_max_it": self.max_it, "ksp_rtol": stop, "ksp_atol": 0.0}
 
     def __call__(self, outcome: Outcome, task: Any) -> float:
         if outcome.failed:
             return math.nan
-        relative = np.maximum(outcome.residuals, 1e-300) / _rhs_norm(task)
-        excess = self.sharpness * (np.log10(relative) - math.log10(self.rtol))
-        return float(np.sum(0.5 * (1.0 + np.tanh(0.5 * excess))))
+        return smoothed_iterations(outcome.residuals / _rhs_norm(task), self.rtol, self.sharpness)
 
     def failure_value(self, task: Any) -> float:
         return float(self.max_it + 1)
 
     def __repr__(self) -> str:
         return f"IterationProxy({self.rtol}, max_it={self.max_it}, sharpness={self.sharpness})"
+
+
+def smoothed_iterations(relative: np.ndarray, rtol: float, sharpness: float) -> float:
+    """Σ_i sigmoid(sharpness·(log10 relative_i − log10 rtol)) ≈ iterations to `rtol`."""
+    excess = sharpness * (np.log10(np.maximum(relative, 1e-300)) - math.log10(rtol))
+    return float(np.sum(0.5 * (1.0 + np.tanh(0.5 * excess))))
+
+
+class ResidualArea:
+    """Area between the log-residual curve and a floor `decades` below the tolerance, in iterations.
+
+    A(θ) = ∫ log10 max(‖r(i)‖/(f·‖b‖), 1) di (trapezoidal rule over the iterations i),
+    f = rtol·10^(−decades), reported as 2A/D with D = −log10 f: the iteration count of a
+    straight log-residual line from ‖b‖ to the floor with the same area (a cost of 60 reads as
+    "about 60 iterations"; a guess already below the floor costs 0).
+
+    Why this shape. An error component decaying as a·ρ^i contributes to the residual until it
+    falls below the floor, log(a/f)/|log ρ| iterations, over which it adds ≈ log10(a/f)²/(2|log10 ρ|)
+    to A: every component counts as long as it is alive, weighted by how slowly it dies, so the
+    gradient reaches each slow component — unlike the residual at one iteration k (blind to what
+    is still slow after k) or a sigmoid count of the iterates near the tolerance (it moves one
+    mode at a time). Iterations to the tolerance, the user's goal, are the same curve read at one
+    height, so lowering the curve everywhere lowers them. The terms are continuous in the
+    residuals (max(·, 1) is 1 exactly where a term reaches zero), and every term below the floor
+    is exactly zero, so the solve stops there (`ksp_rtol = f`) instead of running `max_it`: the
+    value is the same as with the full budget for a monotone residual.
+    """
+
+    def __init__(self, rtol: float, max_it: int = 1000, decades: float = 2.0, stop: bool = True) -> None:
+        """`stop=False` leaves the oracle's own stopping test alone (e.g. a Newton solve that
+        converges in a few steps anyway); the floor then only shapes the value."""
+        if not 0 < rtol < 1:
+            raise ValueError(f"ResidualArea needs 0 < rtol < 1, got {rtol}")
+        if max_it < 1 or not decades >= 0:
+            raise ValueError(f"ResidualArea needs max_it >= 1 and decades >= 0, got {max_it}, {decades}")
+        self.rtol, self.max_it, self.decades = float(rtol), int(max_it), float(decades)
+        self.floor = self.rtol * 10.0 ** -self.decades
+        self.overrides = {"ksp_max_it": self.max_it, "ksp_rtol": self.floor, "ksp_atol": 0.0} if stop else {}
+
+    def __call__(self, outcome: Outcome, task: Any) -> float:
+        if outcome.failed:
+            return math.nan
+        return self.area(outcome.residuals / _rhs_norm(task))
+
+    def area(self, relative: np.ndarray) -> float:
+        """2A/D for a history of relative residuals ‖r_i‖/‖b‖."""
+        above = np.log10(np.maximum(np.asarray(relative, dtype=np.float64), 1e-300) / self.floor)
+        heights = np.maximum(above, 0.0)
+        area = float(np.sum(heights) - 0.5 * (heights[0] + heights[-1]))
+        return 2.0 * area / -math.log10(self.floor)
+
+    def failure_value(self, task: Any) -> float:
+        return float(2 * (self.max_it + 1))
+
+    def __repr__(self) -> str:
+        return f"ResidualArea({self.rtol}, max_it={self.max_it}, decades={self.decades})"
+
+
+class Work:
+    """Megaflops of setup + solve to the tolerance, from PETSc's own flop counter: deterministic,
+    so settings that trade setup against iterations (GAMG threshold, ILU fill, Chebyshev bounds)
+    are compared without timing noise.
+
+    Smooth for training: setup flops + (solve flops per iteration) × the sigmoid-smoothed
+    iteration count of `IterationProxy` (same early stop), so a setting that saves part of an
+    iteration's worth of residual already moves the cost. Needs an oracle that counts flops
+    (`KSPOracle` does; `Outcome.flops`/`setup_flops`).
+    """
+
+    def __init__(self, rtol: float, max_it: int = 10_000, sharpness: float = 4.0) -> None:
+        self.proxy = IterationProxy(rtol, max_it=max_it, sharpness=sharpness)
+        self.overrides = dict(self.proxy.overrides)
+
+    def __call__(self, outcome: Outcome, task: Any) -> float:
+        if outcome.failed:
+            return math.nan
+        if outcome.flops <= 0 and outcome.iterations > 0:
+            raise ValueError("Work cost: the oracle reported no flop count (Outcome.flops = 0 after "
+                             f"{outcome.iterations} iterations); use an oracle that counts flops, e.g. KSPOracle")
+        per_iteration = outcome.flops / max(outcome.iterations, 1)
+        return 1e-6 * (outcome.setup_flops + per_iteration * self.proxy(outcome, task))
+
+    def failure_value(self, task: Any) -> float:
+        return math.inf
+
+    def __repr__(self) -> str:
+        p = self.proxy
+        return f"Work({p.rtol}, max_it={p.max_it}, sharpness={p.sharpness})"
 
 
 class Iterations:
