@@ -1,7 +1,9 @@
 """The black-box solver as a torch operation: real solves forward, estimated gradient backward."""
 from __future__ import annotations
 
-import warnings
+import logging
+import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -11,6 +13,8 @@ import torch
 from metasolve.estimators import Estimator
 from metasolve.params import Space
 from metasolve.parallel import SerialExecutor
+
+logger = logging.getLogger("metasolve")
 
 
 @dataclass
@@ -31,20 +35,49 @@ class SolveStats:
         self.failed_queries, self.failed_centres = state["failed_queries"], state["failed_centres"]
 
 
+def failure_text(outcome: Any) -> str:
+    """Why a solve gave no usable cost, in the solver's own words where it has them."""
+    error = getattr(outcome, "error", None)
+    if error:
+        return str(error).strip()
+    residuals = getattr(outcome, "residuals", None)
+    if residuals is not None and len(residuals) and not all(math.isfinite(float(r)) for r in residuals):
+        return f"non-finite residual norm (reason {getattr(outcome, 'reason', '?')})"
+    if getattr(outcome, "failed", False):
+        return f"diverged (reason {getattr(outcome, 'reason', '?')})"
+    return f"the cost is undefined for this outcome (reason {getattr(outcome, 'reason', '?')}, not converged)"
+
+
 class BlackBox:
     """`y = bb(theta, tasks)`: θ [B, d] → cost of solving task b under setting decode(θ_b), [B].
 
     Forward runs one executor round holding the centre and every query point of every task
     (queries of one task go together, so an oracle with `solve_many` sets up its preconditioner
-    once). Backward returns the estimator's gradient times the upstream gradient.
+    once); a query point that is NaN was not asked for and is not solved. Backward returns the
+    estimator's gradient times the upstream gradient.
+
+    Failures: `failures="drop"` (default) hands a failed query to the estimator as NaN, which drops
+    its tangent: a divergence cliff then looks like missing data. `failures="penalize"` charges it
+    `cost.failure_value(task)` instead, so the estimate sees the cliff (a large finite difference
+    pointing away from it). A failed centre always costs `failure_value` and gets a zero gradient.
+    Every failure is counted (`stats`), listed in `last_failures` as (task name, the solver's error
+    text) for the latest forward, and reported through the `metasolve` logger: one record per
+    round, identical messages grouped with their count, a message already reported at DEBUG level.
     """
 
+    FAILURES = ("drop", "penalize")
+
     def __init__(self, oracle: Any, space: Space, cost: Any, estimator: Estimator, executor: Any = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, failures: str = "drop") -> None:
+        if failures not in self.FAILURES:
+            raise ValueError(f"failures must be one of {self.FAILURES}, got {failures!r}")
         self.oracle, self.space, self.cost, self.estimator = oracle, space, cost, estimator
         self.executor = executor if executor is not None else SerialExecutor()
         self.generator = torch.Generator().manual_seed(seed)
+        self.failures = failures
         self.stats = SolveStats()
+        self.last_failures: list[tuple[str, str]] = []
+        self.failure_counts: Counter[tuple[str, str]] = Counter()
 
     def __call__(self, theta: torch.Tensor, tasks: Sequence[Any]) -> torch.Tensor:
         if theta.ndim != 2:
@@ -67,45 +100,70 @@ class BlackBox:
         return [{**self.space.decode(p), **self.cost.overrides} for p in points]
 
     def _solve(self, theta: torch.Tensor, points: torch.Tensor, tasks: list, training: bool = True) -> torch.Tensor:
-        """Values [B, 1 + Q] of the centre and every query point; NaN where a solve failed."""
+        """Values [B, 1 + Q] of the centre and every query point; NaN where a solve failed or a
+        point was not asked for (NaN point)."""
         everything = torch.cat([theta[:, None, :], points], dim=1)
+        asked = torch.isfinite(everything).all(dim=2)
 
-        def solve_task(index: int) -> list[float]:
-            task, settings = tasks[index], self._settings(everything[index])
+        def solve_task(index: int) -> list[tuple[float, str | None]]:
+            task, rows = tasks[index], everything[index][asked[index]]
+            settings = self._settings(rows)
             if hasattr(self.oracle, "solve_many"):
                 outcomes = self.oracle.solve_many(task, settings)
             else:
                 outcomes = [self.oracle(task, s) for s in settings]
-            return [self.cost(outcome, task) for outcome in outcomes]
+            results = []
+            for outcome in outcomes:
+                value = self.cost(outcome, task)
+                results.append((value, failure_text(outcome) if math.isnan(value) else None))
+            return results
 
-        values = torch.tensor(self.executor.map(solve_task, range(len(tasks))), dtype=torch.float64)
-        values = values.reshape(len(tasks), everything.shape[1])
-        self._count(values, tasks, training)
+        solved = self.executor.map(solve_task, range(len(tasks)))
+        values = torch.full(asked.shape, math.nan, dtype=torch.float64)
+        errors: list[tuple[str, str, bool]] = []
+        for b, results in enumerate(solved):
+            values[b, asked[b]] = torch.tensor([v for v, _ in results], dtype=torch.float64)
+            name = getattr(tasks[b], "name", "") or f"task {b}"
+            errors += [(name, text, j == 0) for j, (_, text) in enumerate(results) if text is not None]
+        self._count(values, asked, errors, training)
         return values
 
-    def _count(self, values: torch.Tensor, tasks: list, training: bool) -> None:
-        failed = ~torch.isfinite(values)
+    def _count(self, values: torch.Tensor, asked: torch.Tensor, errors: list[tuple[str, str, bool]],
+               training: bool) -> None:
+        failed = ~torch.isfinite(values) & asked
         if training:
-            self.stats.solves += values.numel()
+            self.stats.solves += int(asked.sum())
         else:
-            self.stats.evaluation_solves += values.numel()
+            self.stats.evaluation_solves += int(asked.sum())
         self.stats.failed_centres += int(failed[:, 0].sum())
         self.stats.failed_queries += int(failed[:, 1:].sum())
-        bad = [getattr(tasks[b], "name", "") or str(b) for b in range(len(tasks)) if failed[b].any()]
-        if bad:
-            warnings.warn(f"{int(failed.sum())} solve(s) failed in tasks {bad}: dropped from the gradient estimate",
-                          RuntimeWarning, stacklevel=4)
-
-
+        self.last_failures = [(name, text) for name, text, _ in errors]
+        if not errors:
+            return
+        grouped = Counter((name, text) for name, text, _ in errors)
+        fresh = [key for key in grouped if key not in self.failure_counts]
+        self.failure_counts.update(grouped)
+        lines = "; ".join(f"{name}: {text}" + (f" (x{count})" if count > 1 else "")
+                          for (name, text), count in grouped.items())
+        centres = sum(1 for *_, centre in errors if centre)
+        action = "charged the failure cost" if self.failures == "penalize" else "dropped from the gradient estimate"
+        logger.log(logging.WARNING if fresh else logging.DEBUG,
+                   "%d of %d solve(s) failed (%d centre(s): zero gradient; queries %s): %s",
+                   len(errors), int(asked.sum()), centres, action, lines)
 class _BlackBoxFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, theta: torch.Tensor, box: BlackBox, tasks: list) -> torch.Tensor:
-        points = box.estimator.queries(theta.detach(), box.generator)
+        points = box.estimator.queries(theta.detach(), box.generator, tasks)
         values = box._solve(theta.detach(), points, tasks)
         centre = values[:, 0].clone()
         failed = ~torch.isfinite(centre)
         for b in torch.nonzero(failed).flatten().tolist():
             centre[b] = box.cost.failure_value(tasks[b])
+        if box.failures == "penalize":
+            asked = torch.isfinite(points).all(dim=2)
+            failed_queries = torch.isnan(values[:, 1:]) & asked
+            for b, j in torch.nonzero(failed_queries).tolist():
+                values[b, 1 + j] = box.cost.failure_value(tasks[b])
         ctx.box, ctx.tasks = box, tasks
         ctx.save_for_backward(theta.detach(), points, values)
         return centre

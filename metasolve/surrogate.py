@@ -1,6 +1,7 @@
 """The online surrogate f̂(features, θ) behind the NI-GBMS control variate."""
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,6 +26,63 @@ class Standardize(nn.Module):
         return (z - self.mean) / self.scale
 
 
+class ReplayBuffer:
+    """The last `capacity` samples the solver produced: features, θ, value, tangents, derivatives.
+
+    A ring of tensors; samples with fewer tangents than the widest stored are padded with NaN
+    derivatives (left out of the loss). Held in the state dict, so a resumed run replays exactly
+    what an uninterrupted one would.
+    """
+
+    FIELDS = ("features", "theta", "values", "tangents", "derivatives")
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"replay buffer capacity must be >= 1, got {capacity}")
+        self.capacity = int(capacity)
+        self.data: dict[str, torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return 0 if self.data is None else int(self.data["values"].shape[0])
+
+    @staticmethod
+    def pad(sample: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+        """`sample` with its tangents padded to k (zero tangents, NaN derivatives)."""
+        tangents, derivatives = sample["tangents"], sample["derivatives"]
+        missing = k - tangents.shape[1]
+        if missing <= 0:
+            return sample
+        return {**sample,
+                "tangents": torch.cat([tangents, tangents.new_zeros((tangents.shape[0], missing, tangents.shape[2]))], 1),
+                "derivatives": torch.cat([derivatives, derivatives.new_full((derivatives.shape[0], missing),
+                                                                            float("nan"))], 1)}
+
+    @classmethod
+    def concat(cls, first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        k = max(first["tangents"].shape[1], second["tangents"].shape[1])
+        first, second = cls.pad(first, k), cls.pad(second, k)
+        return {key: torch.cat([first[key], second[key]], 0) for key in cls.FIELDS}
+
+    def add(self, sample: dict[str, torch.Tensor]) -> None:
+        sample = {k: sample[k].detach().to(torch.float64).clone() for k in self.FIELDS}
+        merged = sample if self.data is None else self.concat(self.data, sample)
+        self.data = {key: value[-self.capacity:] for key, value in merged.items()}
+
+    def sample(self, size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        if self.data is None:
+            raise ValueError("the replay buffer is empty")
+        index = torch.randperm(len(self), generator=generator)[:size]
+        return {key: value[index] for key, value in self.data.items()}
+
+    def state_dict(self) -> dict:
+        return {"capacity": self.capacity,
+                "data": None if self.data is None else {k: v.clone() for k, v in self.data.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.capacity = int(state["capacity"])
+        self.data = None if state["data"] is None else {k: v.clone() for k, v in state["data"].items()}
+
+
 class Surrogate:
     """A differentiable model of the black-box cost, trained online on data the solver produced.
 
@@ -33,16 +91,30 @@ class Surrogate:
     K tangents cost one backward pass instead of K forward-mode passes.
     Loss per sample: value_weight·(f − f̂)² + jvp_weight·Σ_j (∂_{v_j} f − ∂_{v_j} f̂)², failed
     (NaN) entries left out.
+
+    `buffer = 0` (NI-GBMS): `steps` optimizer steps on the current batch only. `buffer = N`: the
+    batch joins a replay buffer of the last N samples and each of the `steps` steps uses the
+    current batch plus a random draw from the buffer, `batch_size` samples in all: the solver's
+    past values and directional derivatives are reused instead of seen once. Cost: `steps` small
+    forward/backward passes of the surrogate per estimate and no solves; `last_metrics` reports
+    the seconds they took.
     """
 
     def __init__(self, net: nn.Module, lr: float = 1e-3, value_weight: float = 1.0,
-                 jvp_weight: float = 1.0, steps: int = 1) -> None:
+                 jvp_weight: float = 1.0, steps: int = 1, buffer: int = 0, batch_size: int = 64,
+                 seed: int = 0) -> None:
         if steps < 0 or value_weight < 0 or jvp_weight < 0 or not lr > 0:
             raise ValueError("Surrogate needs lr > 0 and non-negative steps and weights")
+        if buffer < 0 or batch_size < 1:
+            raise ValueError(f"Surrogate needs buffer >= 0 and batch_size >= 1, got {buffer}, {batch_size}")
         self.net = net.double()
         self.value_weight, self.jvp_weight, self.steps = float(value_weight), float(jvp_weight), int(steps)
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=lr)
+        self.replay = ReplayBuffer(buffer) if buffer else None
+        self.batch_size = int(batch_size)
+        self.generator = torch.Generator().manual_seed(seed)
         self.last_loss = float("nan")
+        self.last_metrics: dict[str, float] = {}
 
     @staticmethod
     def mlp(feature_dim: int, theta_dim: int, hidden: int = 64, depth: int = 2,
@@ -85,30 +157,56 @@ class Surrogate:
     def update(self, features: torch.Tensor, theta: torch.Tensor, values: torch.Tensor,
                tangents: torch.Tensor, derivatives: torch.Tensor) -> None:
         """`steps` optimizer steps on what the solver already produced (no extra solves)."""
+        begin = time.perf_counter()
+        current = dict(zip(ReplayBuffer.FIELDS, (features, theta, values, tangents, derivatives)))
+        current = {k: v.detach().to(torch.float64) for k, v in current.items()}
+        previous = len(self.replay) if self.replay is not None else 0
+        for _ in range(self.steps):
+            extra = min(self.batch_size - theta.shape[0], previous)
+            batch = current if extra <= 0 else ReplayBuffer.concat(current, self.replay.sample(extra, self.generator))
+            loss = self._step(batch)
+            if loss is None:
+                break
+            self.last_loss = loss
+        if self.replay is not None:
+            self.replay.add(current)
+        self.last_metrics = {"loss": self.last_loss, "update_seconds": time.perf_counter() - begin}
+
+    def _step(self, batch: dict[str, torch.Tensor]) -> float | None:
+        values, derivatives = batch["values"], batch["derivatives"]
         value_known = torch.isfinite(values)
         derivative_known = torch.isfinite(derivatives) & value_known[:, None]
         if not value_known.any():
-            return
+            return None
         target_values = torch.where(value_known, values, torch.zeros_like(values))
         target_derivatives = torch.where(derivative_known, derivatives, torch.zeros_like(derivatives))
-        for _ in range(self.steps):
-            with torch.enable_grad():
-                predicted, gradient = self._value_and_gradient(features, theta, create_graph=True)
-                predicted_derivatives = torch.einsum("bd,bkd->bk", gradient, tangents)
-                value_error = ((predicted - target_values) ** 2)[value_known].sum()
-                derivative_error = ((predicted_derivatives - target_derivatives) ** 2)[derivative_known].sum()
-                loss = (self.value_weight * value_error + self.jvp_weight * derivative_error) / int(value_known.sum())
-                self.optimizer.zero_grad()
-                loss.backward()
-                self.optimizer.step()
-            self.last_loss = float(loss.detach())
+        with torch.enable_grad():
+            predicted, gradient = self._value_and_gradient(batch["features"], batch["theta"], create_graph=True)
+            predicted_derivatives = torch.einsum("bd,bkd->bk", gradient, torch.nan_to_num(batch["tangents"]))
+            value_error = ((predicted - target_values) ** 2)[value_known].sum()
+            derivative_error = ((predicted_derivatives - target_derivatives) ** 2)[derivative_known].sum()
+            loss = (self.value_weight * value_error + self.jvp_weight * derivative_error) / int(value_known.sum())
+            self.optimizer.zero_grad()
+            loss.backward()
+            self.optimizer.step()
+        return float(loss.detach())
 
     def state_dict(self) -> dict:
-        return {"net": self.net.state_dict(), "optimizer": self.optimizer.state_dict()}
+        """Network, optimizer, replay buffer and the buffer's sampler: an exact resume point."""
+        return {"net": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "replay": None if self.replay is None else self.replay.state_dict(),
+                "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
         self.net.load_state_dict(state["net"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if (state.get("replay") is None) != (self.replay is None):
+            raise ValueError("surrogate state and surrogate disagree on having a replay buffer")
+        if self.replay is not None:
+            self.replay.load_state_dict(state["replay"])
+        self.generator.set_state(state["generator"])
 
     def __repr__(self) -> str:
-        return f"Surrogate(value_weight={self.value_weight}, jvp_weight={self.jvp_weight}, steps={self.steps})"
+        buffer = self.replay.capacity if self.replay is not None else 0
+        return (f"Surrogate(value_weight={self.value_weight}, jvp_weight={self.jvp_weight}, steps={self.steps}, "
+                f"buffer={buffer}, batch_size={self.batch_size})")

@@ -34,7 +34,7 @@ def rosenbrock_grad(theta: torch.Tensor) -> torch.Tensor:
 def estimate(estimator, f, theta: torch.Tensor, seed: int = 0, tasks=None) -> torch.Tensor:
     """One estimator round on f: plan queries, evaluate f everywhere, combine."""
     generator = torch.Generator().manual_seed(seed)
-    points = estimator.queries(theta, generator)
-    values = torch.cat([f(theta)[:, None], f(points)], dim=1)
     tasks = tasks if tasks is not None else [None] * theta.shape[0]
+    points = estimator.queries(theta, generator, tasks)
+    values = torch.cat([f(theta)[:, None], f(points)], dim=1)
     return estimator.gradient(theta, points, values, torch.ones(theta.shape[0], dtype=torch.float64), tasks)
