@@ -1,21 +1,31 @@
-"""Atomic checkpoints and finding the newest one that is intact."""
+"""Atomic checkpoints, loaded without running code, and finding the newest one that is intact.
+
+A checkpoint is plain data (tensors, numbers, strings, lists, dicts), so it loads with
+`torch.load(weights_only=True)`: a crafted file cannot run code on the machine that resumes it.
+"""
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
 _NAME = re.compile(r"^checkpoint-(\d+)\.pt$")
+_TEMPORARY = ".checkpoint-*.tmp"
+log = logging.getLogger("metasolve")
 
 
-def save_checkpoint(directory: Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
-    """Write `checkpoint-<step>.pt` via a temp file + rename, so a kill never leaves half a file
-    under the real name; keep the newest `keep` so a damaged newest one still has a predecessor."""
+class CheckpointError(ValueError):
+    """A checkpoint (or model) file that cannot be used; the message names the file."""
+
+
+def save_checkpoint(directory: Path, step: int, state: dict[str, Any]) -> Path:
+    """Write `checkpoint-<step>.pt` via a temp file + fsync + rename, so a kill never leaves half a
+    file under the real name (a kill mid-write leaves a `.checkpoint-*.tmp`, see `remove_stale`)."""
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / f"checkpoint-{step:08d}.pt"
     handle, temporary = tempfile.mkstemp(dir=directory, prefix=".checkpoint-", suffix=".tmp")
@@ -28,9 +38,15 @@ def save_checkpoint(directory: Path, step: int, state: dict[str, Any], keep: int
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
-    for old in list_checkpoints(directory)[keep:]:
-        old.unlink(missing_ok=True)
     return target
+
+
+def remove_stale(directory: Path) -> list[Path]:
+    """Delete temporary files left by writes that were killed (never a finished checkpoint)."""
+    stale = sorted(directory.glob(_TEMPORARY)) if directory.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def list_checkpoints(directory: Path) -> list[Path]:
@@ -41,15 +57,35 @@ def list_checkpoints(directory: Path) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
-def load_latest(directory: Path) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint that loads; a truncated or corrupt one is reported and skipped."""
+def load_file(path: Path, what: str = "checkpoint") -> Any:
+    """`torch.load(path, weights_only=True)`; any failure is a CheckpointError naming the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such {what} file") from None
+    except Exception as error:  # noqa: BLE001 — truncated, random, or a pickle that wants to run code
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{path}: not a readable {what} ({type(error).__name__}: {reason})") from None
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    state = load_file(path)
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"{path}: not a metasolve checkpoint (no 'step')")
+    return state
+
+
+def load_latest(directory: Path) -> tuple[Path, dict[str, Any], list[Path]] | None:
+    """The newest checkpoint that loads, and the newer ones that did not (reported and skipped);
+    None when there are no checkpoint files at all."""
+    unreadable: list[Path] = []
     for path in list_checkpoints(directory):
         try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-            if not isinstance(state, dict) or "step" not in state:
-                raise ValueError("not a metasolve checkpoint (no 'step')")
-            return path, state
-        except Exception as error:  # noqa: BLE001 — any unreadable file is skipped the same way
-            warnings.warn(f"checkpoint {path} is unreadable ({type(error).__name__}: {error}); "
-                          "falling back to the previous one", RuntimeWarning, stacklevel=2)
+            return path, load_checkpoint(path), unreadable
+        except CheckpointError as error:
+            log.warning("%s; falling back to the previous checkpoint", error)
+            unreadable.append(path)
+    if unreadable:
+        raise CheckpointError(f"{directory}: no intact checkpoint to resume from "
+                              f"({len(unreadable)} unreadable: {', '.join(p.name for p in unreadable)})")
     return None
