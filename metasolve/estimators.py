@@ -232,18 +232,13 @@ class FiniteDifference(ForwardGradient):
 
 
 class _Moments:
-    """Exponentially weighted sums over past samples of c, s, c², c·s, s² (per coordinate).
-
-    c = (∂_v f)·w_i·∂_i f̂ and s = (∂_i f̂)² per sample and coordinate i (the scalar coefficient
-    uses their sums over i): E[c] = ∂_i f·∂_i f̂ because E[w vᵀ] = I, so Σc/Σs estimates the
-    regression coefficient of ∇f on ∇f̂ from directional derivatives alone.
-    """
+    """Exponentially weighted sums over past samples of c, s, c², c·s, s² (per coordinate, or
+    summed over coordinates for the scalar coefficient): see `ControlVariate`."""
 
     KEYS = ("c", "s", "cc", "cs", "ss")
 
-    def __init__(self, width: int | None = None) -> None:
-        self.sums: dict[str, torch.Tensor] | None = None if width is None else {
-            k: torch.zeros(width, dtype=torch.float64) for k in self.KEYS}
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] | None = None
 
     @staticmethod
     def of(c: torch.Tensor, s: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -276,9 +271,12 @@ class ControlVariate:
     The scalar β* is the same with the sums over i taken first. β = 1 is better than β = 0 only
     if β* > 1/2: a wrong surrogate makes NI-GBMS worse than no surrogate, the optimal β never.
 
-    Estimating β*. E[(∂_v f)·w_i·∂_i f̂] = ∂_i f·∂_i f̂ for any tangent law with E[w vᵀ] = I, so
-    c = (∂_v f)w_i∂_i f̂ and s = ∂_i f̂² give β̂ = Σc/Σs over exponentially weighted past samples
-    (`decay` per step) *and the other samples of the current batch* (leave-one-out): β̂ for
+    Estimating β*. For any tangent law with E[w vᵀ] = I, c = (∂_v f)w_i∂_i f̂ has mean ∂_i f ∂_i f̂
+    and s = (∂_v f̂)w_i∂_i f̂ has mean ∂_i f̂², so β̂ = Σc/Σs over exponentially weighted past samples
+    (`decay` per step) *and the other samples of the current batch* (leave-one-out) estimates β*.
+    For the scalar β it is the classical regression of ∂_v f on ∂_v f̂, whose error is driven by
+    the residual alone (c − β*s = (v·e)(w·∇f̂)): relative variance ≈ ρ²/n, so a good surrogate's
+    β is known precisely after few samples (with s = ‖∇f̂‖² it would be ≈ 2/n instead). β̂ for
     sample b never saw b's tangents, which keeps h unbiased. With β̂ unbiased and of standard
     error σ, E[excess over the forward gradient] ∝ E[β̂²] − 2β*E[β̂] = σ² − β*²: never worse as
     long as σ < |β*|. The shrinkage β = β̂·max(0, 1 − σ̂²/β̂²) (σ̂ from the same sums, delta
@@ -302,7 +300,7 @@ class ControlVariate:
     """
 
     def __init__(self, base: ForwardGradient, surrogate: Surrogate, coefficient: float | str = "scalar",
-                 decay: float = 0.99, allocation: str = "equal") -> None:
+                 decay: float = 0.95, allocation: str = "equal") -> None:
         if isinstance(coefficient, str):
             if coefficient not in ("scalar", "diagonal"):
                 raise ValueError(f"coefficient must be a number, 'scalar' or 'diagonal', got {coefficient!r}")
@@ -317,7 +315,7 @@ class ControlVariate:
         self.base, self.surrogate = base, surrogate
         self.coefficient = coefficient if isinstance(coefficient, str) else float(coefficient)
         self.decay, self.allocation = float(decay), allocation
-        self.moments = _Moments()
+        self.moments = {"scalar": _Moments(), "diagonal": _Moments()}
         self.task_residuals: dict[str, float] = {}
         self.last_metrics: dict[str, float] = {}
 
@@ -364,22 +362,22 @@ class ControlVariate:
         return str(getattr(task, "name", "") or id(task))
 
     # ---- the estimate ----------------------------------------------------------------------
-    def _coefficients(self, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    def _coefficients(self, c: torch.Tensor, s: torch.Tensor, moments: _Moments) -> torch.Tensor:
         """Per-sample β [B, width] from past moments plus the batch's other samples, shrunk to 0
-        by its standard error (see the class docstring)."""
-        batch = self.moments.of(c, s)
+        by its standard error (see the class docstring); then the batch joins the moments."""
+        batch = moments.of(c, s)
         totals = {k: v.sum(0, keepdim=True) for k, v in batch.items()}
-        past = self.moments.sums
+        past = moments.sums
         if past is not None and past["c"].shape[0] == c.shape[1]:
             totals = {k: totals[k] + self.decay * past[k] for k in totals}
         loo = {k: totals[k] - batch[k] for k in totals}
         s_sum = loo["s"]
-        beta = torch.where(s_sum > 0, loo["c"] / torch.where(s_sum > 0, s_sum, 1.0), torch.zeros_like(s_sum))
+        safe = torch.where(s_sum > 0, s_sum, 1.0)
+        beta = torch.where(s_sum > 0, loo["c"] / safe, 0.0)
         spread = (loo["cc"] - 2 * beta * loo["cs"] + beta**2 * loo["ss"]).clamp(min=0.0)
-        variance = torch.where(s_sum > 0, spread / torch.where(s_sum > 0, s_sum, 1.0) ** 2, torch.zeros_like(s_sum))
-        shrink = torch.where(beta != 0, (1 - variance / torch.where(beta != 0, beta, 1.0) ** 2).clamp(min=0.0),
-                             torch.zeros_like(beta))
-        self.moments.add(batch, self.decay)
+        variance = torch.where(s_sum > 0, spread / safe**2, 0.0)
+        shrink = torch.where(beta != 0, (1 - variance / torch.where(beta != 0, beta, 1.0) ** 2).clamp(min=0.0), 0.0)
+        moments.add(batch, self.decay)
         return beta * shrink
 
     def gradient(self, theta: torch.Tensor, points: torch.Tensor, values: torch.Tensor,
@@ -391,22 +389,20 @@ class ControlVariate:
         known = torch.isfinite(derivatives)
         counts = known.sum(1, keepdim=True).clamp(min=1)
         f_dir = torch.where(known, derivatives, torch.zeros_like(derivatives))  # [B, K]
-        weights = (known / counts)[:, :, None]
-        duals_clean = torch.nan_to_num(duals)
+        # c_bi = mean_j (∂_{v_j} f) w_ji ∂_i f̂ and s_bi = mean_j (∂_{v_j} f̂) w_ji ∂_i f̂; both kinds of
+        # moments are kept, so a warmed estimator can switch between a scalar and a diagonal coefficient.
+        tangents_clean, duals_clean = torch.nan_to_num(tangents), torch.nan_to_num(duals)
+        surrogate_derivatives = torch.einsum("bd,bkd->bk", surrogate_gradient, tangents_clean)
+        weight = known / counts
+        c = torch.einsum("bk,bkd->bd", f_dir * weight, duals_clean) * surrogate_gradient
+        s = torch.einsum("bk,bkd->bd", surrogate_derivatives * weight, duals_clean) * surrogate_gradient
+        diagonal = self._coefficients(c, s, self.moments["diagonal"])
+        scalar = self._coefficients(c.sum(1, keepdim=True), s.sum(1, keepdim=True), self.moments["scalar"])
         if isinstance(self.coefficient, str):
-            # c_bi = mean_j (∂_{v_j} f) w_ji ∂_i f̂, s_bi = ∂_i f̂²
-            c = torch.einsum("bk,bkd->bd", f_dir * weights[:, :, 0], duals_clean) * surrogate_gradient
-            s = surrogate_gradient**2
-            if self.coefficient == "scalar":
-                c, s = c.sum(1, keepdim=True), s.sum(1, keepdim=True)
-            has_data = known.any(1, keepdim=True)
-            c, s = c * has_data, s * has_data
-            beta = self._coefficients(c, s).expand_as(theta)
+            beta = (scalar if self.coefficient == "scalar" else diagonal).expand_as(theta)
         else:
             beta = torch.full_like(theta, self.coefficient)
         control = beta * surrogate_gradient
-        tangents_clean = torch.nan_to_num(tangents)
-        surrogate_derivatives = torch.einsum("bd,bkd->bk", surrogate_gradient, tangents_clean)
         control_derivatives = torch.einsum("bd,bkd->bk", control, tangents_clean)
         residual = derivatives - control_derivatives
         estimate = upstream[:, None] * control + _combine(duals, upstream[:, None] * residual, self.base.combine)
@@ -440,13 +436,15 @@ class ControlVariate:
         """Everything a resumed run needs for identical continuation: the surrogate (net, optimizer,
         replay buffer), the coefficient's moments, the guides and the allocation's memory."""
         return {"surrogate": self.surrogate.state_dict(), "base": self.base.state_dict(),
-                "moments": None if self.moments.sums is None else {k: v.clone() for k, v in self.moments.sums.items()},
+                "moments": {kind: None if m.sums is None else {k: v.clone() for k, v in m.sums.items()}
+                            for kind, m in self.moments.items()},
                 "task_residuals": dict(self.task_residuals)}
 
     def load_state_dict(self, state: dict) -> None:
         self.surrogate.load_state_dict(state["surrogate"])
         self.base.load_state_dict(state["base"])
-        self.moments.sums = None if state["moments"] is None else {k: v.clone() for k, v in state["moments"].items()}
+        for kind, sums in state["moments"].items():
+            self.moments[kind].sums = None if sums is None else {k: v.clone() for k, v in sums.items()}
         self.task_residuals = dict(state["task_residuals"])
 
     def __repr__(self) -> str:

@@ -1,6 +1,7 @@
 """The online surrogate f̂(features, θ) behind the NI-GBMS control variate."""
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -24,6 +25,38 @@ class Standardize(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return (z - self.mean) / self.scale
+
+
+class LogAffineResidual(nn.Module):
+    """f̂ = log10‖U z − L θ‖ − log10‖z‖ + c on inputs [z, θ]: the shape of `LogResidual(k)` for a
+    predicted initial guess under a *linear* iteration.
+
+    Why: k steps of a stationary method (Jacobi, SOR/SSOR, Richardson, fixed-coefficient
+    Chebyshev) map the initial residual linearly, r_k = M(b − A x0), and x0 = Sθ is linear in θ.
+    With features linear in b (e.g. its sine coefficients), M b = U z and M A S = L for one
+    matrix A, so log10(‖r_k‖/‖b‖) is exactly of this form (with ‖b‖ ∝ ‖z‖ for orthogonal feature
+    maps). An MLP has to learn the logarithm of a norm of an affine map from samples; this model
+    only has to learn U and L (`latent` rows each, ≥ the rank of M for exactness). It is not
+    exact for Krylov methods (CG's polynomial depends on x0), nor across tasks whose matrices
+    differ; there the optimal coefficient of the control variate falls towards 0.
+    """
+
+    def __init__(self, feature_dim: int, theta_dim: int, latent: int, seed: int = 0) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.feature_dim = feature_dim
+        self.U = nn.Parameter(torch.randn(latent, feature_dim, generator=generator, dtype=torch.float64)
+                              / math.sqrt(feature_dim))
+        self.L = nn.Parameter(torch.randn(latent, theta_dim, generator=generator, dtype=torch.float64)
+                              / math.sqrt(theta_dim))
+        self.offset = nn.Parameter(torch.zeros(1, dtype=torch.float64))
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        z, theta = inputs[..., :self.feature_dim], inputs[..., self.feature_dim:]
+        residual = z @ self.U.T - theta @ self.L.T
+        tiny = 1e-300
+        return (0.5 * torch.log10((residual**2).sum(-1) + tiny) - 0.5 * torch.log10((z**2).sum(-1) + tiny)
+                + self.offset)
 
 
 class ReplayBuffer:
@@ -131,6 +164,12 @@ class Surrogate:
             width = hidden
         layers.append(nn.Linear(width, 1))
         return nn.Sequential(*layers).double()
+
+    @staticmethod
+    def log_affine(feature_dim: int, theta_dim: int, latent: int | None = None, seed: int = 0) -> nn.Module:
+        """`LogAffineResidual`: the exact shape of `LogResidual(k)` for an initial guess under a linear
+        iteration on one matrix; `latent` defaults to max(feature_dim, theta_dim)."""
+        return LogAffineResidual(feature_dim, theta_dim, latent or max(feature_dim, theta_dim), seed=seed)
 
     @staticmethod
     def features_of(tasks: Sequence[Any]) -> torch.Tensor:

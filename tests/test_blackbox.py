@@ -1,8 +1,8 @@
 """BlackBox on real PETSc solves: shapes, determinism, failure semantics."""
 from __future__ import annotations
 
+import logging
 import math
-import warnings
 
 import numpy as np
 import pytest
@@ -64,7 +64,7 @@ def test_bad_theta_raises_naming_the_problem():
         box(torch.zeros(2, 4, dtype=torch.float64), tasks)
 
 
-def test_a_query_that_diverges_mid_batch_is_dropped_and_counted():
+def _divergence_case(failures):
     """Richardson + Jacobi diverges once the scale s exceeds 2/λ_max(D⁻¹A) ≈ 1.0 on Poisson1D.
 
     Task 1's centre (s = 0.9) converges while its +ε queries (s ≈ 1.4) diverge; task 2's centre
@@ -73,15 +73,60 @@ def test_a_query_that_diverges_mid_batch_is_dropped_and_counted():
     tasks = [LinearSystem(laplacian_1d(31), np.ones(31), name=f"task{i}") for i in range(3)]
     space = Space({"ksp_richardson_scale": Interval(0.0, 2.0)})
     oracle = KSPOracle(ksp_type="richardson", pc_type="jacobi")
-    box = BlackBox(oracle, space, LogResidual(60), ForwardGradient(tangents=4, eps=1.0), seed=3)
+    box = BlackBox(oracle, space, LogResidual(60), ForwardGradient(tangents=4, eps=1.0), seed=3, failures=failures)
     centres = [0.5, 0.9, 1.7]
     theta = torch.stack([space.encode({"ksp_richardson_scale": s}) for s in centres]).requires_grad_(True)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    return box, tasks, theta
+
+
+def test_a_query_that_diverges_mid_batch_is_dropped_counted_and_logged_once(caplog):
+    box, tasks, theta = _divergence_case("drop")
+    with caplog.at_level(logging.DEBUG, logger="metasolve"):
         y = box(theta, tasks)
         y.sum().backward()
     assert box.stats.failed_centres == 1 and box.stats.failed_queries >= 1
-    assert any("task2" in str(w.message) and "task1" in str(w.message) for w in caught)
+    failures = box.stats.failed_centres + box.stats.failed_queries
+    assert len(box.last_failures) == failures
+    assert {name for name, _ in box.last_failures} == {"task1", "task2"}
+    assert all("reason" in text or "DIVERGED" in text.upper() for _, text in box.last_failures)
+    records = [r for r in caplog.records if r.name == "metasolve"]
+    assert len(records) == 1 and records[0].levelno == logging.WARNING
+    assert "task1" in records[0].getMessage() and "task2" in records[0].getMessage()
     assert torch.all(torch.isfinite(y)) and y[2] == LogResidual(60).failure_value(tasks[2])
     assert torch.all(torch.isfinite(theta.grad))
     assert theta.grad[2].abs().sum() == 0 and theta.grad[1].abs().sum() > 0
+    # The same failures again: counted, but reported at DEBUG only (no warning per step).
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="metasolve"):
+        box(theta.detach(), tasks)
+    assert [r.levelno for r in caplog.records if r.name == "metasolve"] == [logging.DEBUG]
+    assert sum(box.failure_counts.values()) == 2 * failures
+
+
+def test_penalized_failures_push_away_from_the_divergence_cliff():
+    """Charged failure_value (0, i.e. no residual reduction) instead of dropped, the diverging
+    +ε queries of task 1 make ∂cost/∂s large and positive: the estimate now sees the cliff."""
+    dropped, tasks, theta = _divergence_case("drop")
+    dropped(theta, tasks).sum().backward()
+    drop_gradient = theta.grad.clone()
+    penalized, tasks, theta = _divergence_case("penalize")
+    penalized(theta, tasks).sum().backward()
+    assert penalized.stats.failed_queries == dropped.stats.failed_queries >= 1
+    assert theta.grad[1, 0] > 0 and theta.grad[1, 0] > drop_gradient[1, 0]
+    assert torch.equal(theta.grad[0], drop_gradient[0]) and theta.grad[2].abs().sum() == 0
+
+
+def test_unasked_query_points_are_not_solved():
+    box = jacobi_box(FiniteDifference())
+    tasks = [poisson_1d(31, seed=s) for s in range(2)]
+    theta = torch.zeros(2, 4, dtype=torch.float64)
+    points = theta[:, None, :].repeat(1, 3, 1) + 0.1
+    points[0, 1:] = math.nan
+    values = box._solve(theta, points, tasks)
+    assert box.stats.solves == 2 + 1 + 3 and box.stats.failed_queries == 0
+    assert torch.isnan(values[0, 2:]).all() and torch.isfinite(values[1]).all()
+
+
+def test_bad_failure_mode_is_rejected():
+    with pytest.raises(ValueError, match="failures"):
+        BlackBox(KSPOracle(), Space({"x": Interval(0.0, 1.0)}), LogResidual(5), ForwardGradient(), failures="ignore")

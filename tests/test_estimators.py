@@ -213,7 +213,7 @@ def test_coefficient_converges_to_the_optimal_control_variate(coefficient):
         for c, estimator in estimators.items():
             h = estimate(estimator, f, theta, seed=step, tasks=[_Featureless()] * batch)
             errors[c].append(float(((h - grad(theta)) ** 2).sum(1).mean()))
-    sums = estimators[coefficient].moments.sums
+    sums = estimators[coefficient].moments[coefficient].sums
     beta = sums["c"] / sums["s"]
     standard_error = (sums["cc"] - 2 * beta * sums["cs"] + beta**2 * sums["ss"]).sqrt() / sums["s"]
     beta = beta.expand(dim)
@@ -345,3 +345,23 @@ def test_query_allocation_follows_the_residual_and_stays_unbiased():
     truth = grad(theta[0])
     # Worst case per sample (1 tangent, Rademacher): (d − 1)‖∇f‖²; the mean of N is within 4 RMS.
     assert (h.mean(0) - truth).norm() <= 4 * math.sqrt((dim - 1) * truth.norm() ** 2 / samples)
+
+
+def test_log_affine_surrogate_is_exact_for_a_jacobi_log_residual():
+    """k Jacobi sweeps map r₀ = b − Ax₀ linearly: log10‖M(b − Ax₀)‖/‖b‖ with M = (I − D⁻¹A)^k is
+    `LogAffineResidual` with U = M, L = MA (features b, θ = x₀) — the claim its docstring makes."""
+    n, k = 9, 7
+    A = 2 * torch.eye(n, dtype=torch.float64) - torch.diag(torch.ones(n - 1, dtype=torch.float64), 1) \
+        - torch.diag(torch.ones(n - 1, dtype=torch.float64), -1)
+    M = torch.linalg.matrix_power(torch.eye(n, dtype=torch.float64) - A / 2, k)
+    net = Surrogate.log_affine(n, n)
+    with torch.no_grad():
+        net.U.copy_(M)
+        net.L.copy_(M @ A)
+    generator = torch.Generator().manual_seed(0)
+    b, x0 = (torch.randn(5, n, generator=generator, dtype=torch.float64) for _ in range(2))
+    r = b - x0 @ A.T
+    for _ in range(k):
+        r = r - r @ A.T / 2
+    truth = torch.log10(r.norm(dim=1) / b.norm(dim=1))
+    assert torch.allclose(net(torch.cat([b, x0], 1)), truth, atol=1e-12)
