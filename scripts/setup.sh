@@ -59,7 +59,7 @@ if [[ -n "${PETSC_DIR:-}" && -n "${MPICC:-}" ]]; then
 else
     "${PIP[@]}" mpich mpi4py
 fi
-"${PIP[@]}" numpy scipy "torch==2.13.0" tqdm matplotlib pytest
+"${PIP[@]}" numpy scipy "torch==2.13.0" tqdm matplotlib pytest optuna
 
 if [[ -n "${PETSC_DIR:-}" ]]; then
     echo "setup: building petsc4py against PETSC_DIR=$PETSC_DIR PETSC_ARCH=${PETSC_ARCH:-}" >&2
