@@ -1,0 +1,54 @@
+"""Bratu: residual/Jacobian consistency, and real PETSc Newton solves on the DMDA."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from problems.bratu import Bratu, BratuOracle, embed, jacobian, residual
+
+
+def test_jacobian_matches_directional_differences_of_the_residual():
+    rng = np.random.default_rng(0)
+    u = embed(rng.uniform(0, 1, 7 * 7), 9)
+    v = embed(rng.standard_normal(7 * 7), 9)
+    step = 1e-6
+    difference = (residual(u + step * v, 5.0) - residual(u - step * v, 5.0)).ravel() / (2 * step)
+    exact = jacobian(u, 5.0) @ v.ravel()
+    assert np.allclose(difference, exact, rtol=1e-8, atol=1e-9)
+    # Boundary rows are 4u, interior diagonal 4 − h²λe^u.
+    J = jacobian(u, 5.0).toarray()
+    assert J[0, 0] == 4.0 and J[10, 10] == pytest.approx(4.0 - 5.0 * np.exp(u[1, 1]) / 64)
+
+
+def test_newton_solves_bratu_and_an_exact_guess_needs_no_step():
+    family = Bratu(n=17, lam_range=(6.0, 6.0))
+    task = family.task(0)
+    oracle = BratuOracle(rtol=1e-10)
+    zero = oracle(task)
+    assert zero.converged and 2 <= zero.iterations <= 8
+    assert zero.residuals[-1] <= 1e-10 * task.reference_norm
+    assert zero.residuals[0] == pytest.approx(task.reference_norm, rel=1e-12)
+    u = embed(zero.solution, task.n)
+    assert np.linalg.norm(residual(u, task.lam)) <= 1e-10 * task.reference_norm
+    assert 0.7 < u.max() < 1.39  # the lower branch near the fold (u_max ≈ 1.39 at λ*)
+    again = oracle(task, {"u0": zero.solution})
+    assert again.converged and again.iterations == 0
+    assert zero.flops > 0
+
+
+def test_grid_sequencing_ends_on_the_same_grid_with_the_same_solution():
+    task = Bratu(n=17, lam_range=(5.0, 5.0)).task(0)
+    oracle = BratuOracle(rtol=1e-10)
+    direct = oracle(task)
+    sequenced = oracle.solve(task, {"snes_grid_sequence": 2})
+    assert sequenced.outcome.converged and len(sequenced.level_iterations) == 3
+    assert np.allclose(sequenced.outcome.solution, direct.solution, atol=1e-9)
+    with pytest.raises(ValueError, match="integer"):
+        oracle.solve(Bratu(n=16).task(0), {"snes_grid_sequence": 1})
+    with pytest.raises(ValueError, match="never read"):
+        oracle(task, {"snes_linesearch_typo": "bt"})
+
+
+def test_bratu_rejects_lambda_beyond_the_fold():
+    with pytest.raises(ValueError, match="fold"):
+        Bratu(lam_range=(1.0, 7.0))
