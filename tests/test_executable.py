@@ -1,8 +1,11 @@
-"""ExecutableOracle against KSPOracle, on the compiled legacy program and on canned output (real PETSc, real MPI)."""
+"""ExecutableOracle against KSPOracle, on the compiled legacy programs and on canned output (real PETSc, real MPI,
+real subprocesses and signals)."""
 from __future__ import annotations
 
 import json
+import math
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -15,7 +18,8 @@ import pytest
 
 from solvers import KSPOracle, LinearSystem, PETSc
 from solvers.executable import ExecutableOracle, child_environment
-from solvers.monitor_parser import UnreadableOutput, parse_solve_output, unused_command_line_options
+from solvers.monitor_parser import LinearSolve, NonlinearSolve, UnreadableOutput, parse_run_output, unused_command_line_options
+from solvers.program_task import ArgumentFeatures, ProgramTask
 from tests.systems import laplacian_1d, poisson_2d
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,12 +35,22 @@ HISTORY_RTOL = 1e-9
 
 
 @pytest.fixture(scope="session")
-def legacy_solver() -> str:
-    """Build the program with the top-level make's command (quick when up to date)."""
+def programs() -> Path:
+    """Build the programs with the top-level make's command (quick when up to date)."""
     result = subprocess.run(["make", "--no-print-directory", "-C", str(LEGACY_DIR), f"PYTHON={sys.executable}"],
                             capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, f"building legacy_solver failed:\n{result.stdout}\n{result.stderr}"
-    return str(LEGACY_DIR / "legacy_solver")
+    assert result.returncode == 0, f"building the legacy programs failed:\n{result.stdout}\n{result.stderr}"
+    return LEGACY_DIR
+
+
+@pytest.fixture(scope="session")
+def legacy_solver(programs) -> str:
+    return str(programs / "legacy_solver")
+
+
+@pytest.fixture(scope="session")
+def heat_stepper(programs) -> str:
+    return str(programs / "heat_stepper")
 
 
 def legacy_oracle(path: str, ksp_type: str, pc_type: str, **kwargs) -> ExecutableOracle:
@@ -234,17 +248,6 @@ def test_canned_output_becomes_an_outcome(tmp_path):
     np.testing.assert_array_equal(outcome.residuals, [1.0, 1.000000000001e-01, 1.000000000002e-02])
 
 
-def test_timeout_kills_the_process_group_and_returns(tmp_path):
-    pid_file = tmp_path / "grandchild.pid"
-    command = ["sh", "-c", 'sleep 60 & echo $! > "$0"; wait', str(pid_file)]
-    start = time.perf_counter()
-    outcome = ExecutableOracle(command, task_args=no_arguments, timeout=0.5)({})
-    elapsed = time.perf_counter() - start
-    assert outcome.failed and "timed out after 0.5 s" in outcome.error
-    assert elapsed < 5.0  # 0.5 s budget + kill + reap; a hang would take the full 60 s
-    assert not alive(int(pid_file.read_text()))
-
-
 def test_temporary_files_are_removed_whatever_happens(legacy_solver, tmp_path, monkeypatch):
     scratch = tmp_path / "scratch"
     scratch.mkdir()
@@ -271,6 +274,9 @@ def test_temporary_files_are_removed_whatever_happens(legacy_solver, tmp_path, m
     (dict(command="legacy_solver -n 4"), "non-empty"),
     (dict(command=["/no/such/program"]), "not found"),
     (dict(command=["sh"], timeout=0), "timeout"),
+    (dict(command=["sh"], timeout=float("nan")), "timeout"),
+    (dict(command=["sh"], count="newton"), "count"),
+    (dict(command=["sh"], count="nonlinear"), "nonlinear=True"),
     (dict(command=["sh"], processes=0), "processes"),
     (dict(command=["sh"], options={"Pc-Sor": 1}), "invalid PETSc option name"),
 ])
@@ -297,26 +303,29 @@ def test_task_without_files_needs_task_args():
 # ---------------------------------------------------------------- the parser on canned text
 
 def test_parser_reads_history_reason_and_prefix():
-    report = parse_solve_output(MONITOR_OUTPUT)
-    assert report.iterations == 2 and report.reason == PETSc.KSP.ConvergedReason.CONVERGED_RTOL
-    np.testing.assert_array_equal(report.residuals, [1.0, 1.000000000001e-01, 1.000000000002e-02])
+    report = parse_run_output(MONITOR_OUTPUT)
+    [solve] = report.solves
+    assert solve.prefix == "sys_" and solve.iterations == 2
+    assert solve.reason == PETSc.KSP.ConvergedReason.CONVERGED_RTOL
+    np.testing.assert_array_equal(solve.residuals, [1.0, 1.000000000001e-01, 1.000000000002e-02])
     assert report.unused_options == []
 
 
-def test_parser_maps_petscs_c_names_and_keeps_the_last_solve():
-    first = MONITOR_OUTPUT
+def test_parser_reads_every_solve_and_maps_petscs_c_names():
     second = MONITOR_OUTPUT.replace("converged due to CONVERGED_RTOL iterations 2",
                                     "did not converge due to DIVERGED_ITS iterations 1")
-    report = parse_solve_output(first + second.replace("  2 KSP", "garbage  2 KSP"))
-    assert report.reason == PETSc.KSP.ConvergedReason.DIVERGED_MAX_IT and report.iterations == 1
-    assert len(report.residuals) == 2
-    assert parse_solve_output(MONITOR_OUTPUT.replace("CONVERGED_RTOL", "DIVERGED_PC_FAILED")).reason == \
+    report = parse_run_output(MONITOR_OUTPUT + second.replace("  2 KSP", "garbage  2 KSP"))
+    first, last = report.solves
+    assert first.iterations == 2 and len(first.residuals) == 3
+    assert last.reason == PETSc.KSP.ConvergedReason.DIVERGED_MAX_IT and last.iterations == 1
+    assert len(last.residuals) == 2 and not last.converged and last.usable
+    assert parse_run_output(MONITOR_OUTPUT.replace("CONVERGED_RTOL", "DIVERGED_PC_FAILED")).solves[0].reason == \
         PETSc.KSP.ConvergedReason.DIVERGED_PCSETUP_FAILED
 
 
 def test_parser_keeps_non_finite_norms_for_the_outcome_to_reject():
-    report = parse_solve_output(MONITOR_OUTPUT.replace("true resid norm 1.000000000002e-02", "true resid norm -nan"))
-    assert np.isnan(report.residuals[-1])
+    report = parse_run_output(MONITOR_OUTPUT.replace("true resid norm 1.000000000002e-02", "true resid norm -nan"))
+    assert np.isnan(report.solves[0].residuals[-1])
 
 
 @pytest.mark.parametrize("text, message", [
@@ -324,13 +333,13 @@ def test_parser_keeps_non_finite_norms_for_the_outcome_to_reject():
     ("\x00\xff Segmentation fault (core dumped)\n", "never finished"),
     (MONITOR_OUTPUT.rsplit("  Linear", 1)[0], "stops inside a solve"),
     (MONITOR_OUTPUT.replace("  1 KSP", "  3 KSP"), "monitor iteration 3"),
-    (MONITOR_OUTPUT.replace("CONVERGED_RTOL", "CONVERGED_BANANA"), "unknown converged reason"),
+    (MONITOR_OUTPUT.replace("CONVERGED_RTOL", "CONVERGED_BANANA"), "unknown linear converged reason"),
     (MONITOR_OUTPUT.replace("true resid norm 1.000000000001e-01", "true resid norm 1.0x"), "not a number"),
     ("  Linear solve converged due to CONVERGED_RTOL iterations 0\n", "without residual monitor lines"),
 ])
 def test_parser_rejects_broken_output(text, message):
     with pytest.raises(UnreadableOutput, match=message):
-        parse_solve_output(text)
+        parse_run_output(text)
 
 
 def test_unused_options_from_the_command_line_only():
@@ -340,3 +349,273 @@ def test_unused_options_from_the_command_line_only():
             "Option left: name:-matload_block_size value: 1 source: file\n"
             "Option left: name:-old_style value: 3\n")
     assert unused_command_line_options(text) == ["pc_sor_omgea", "ksp_monitor_true_residual", "old_style"]
+
+
+# ---------------------------------------------------------------- whole runs: the time-stepping program
+
+HEAT = {"ksp_type": "richardson", "pc_type": "sor", "pc_sor_forward": None, "ksp_norm_type": "unpreconditioned",
+        "ksp_rtol": 1e-6, "ksp_atol": 1e-50, "ksp_divtol": 1e4, "ksp_max_it": 10_000}
+HEAT_FEATURES = ArgumentFeatures(("n", "kappa", "dt"), log=("n", "kappa", "dt"))
+
+
+def heat_task(**arguments) -> ProgramTask:
+    return ProgramTask.create({"n": 12, "kappa": 1.0, "dt": 0.01, "steps": 3, **arguments}, HEAT_FEATURES)
+
+
+def heat_oracle(path: str, **kwargs) -> ExecutableOracle:
+    return ExecutableOracle([path], options=HEAT, prefix="heat_", **kwargs)
+
+
+def test_a_run_holds_every_solve_and_its_cost_is_the_total(heat_stepper):
+    """Three time steps, three KSP solves under the program's prefix, its own chatter in between."""
+    run = heat_oracle(heat_stepper)(heat_task(), {"pc_sor_omega": 1.5})
+    assert not run.failed and run.converged
+    assert len(run.solves) == 3 and all(isinstance(s, LinearSolve) and s.prefix == "heat_" for s in run.solves)
+    assert run.iterations == sum(s.iterations for s in run.solves) > run.solves[-1].iterations
+    assert len(run.residuals) == sum(s.iterations + 1 for s in run.solves)
+    for solve in run.solves:
+        assert solve.converged and len(solve.residuals) == len(solve.relative) == solve.iterations + 1
+        assert solve.relative[-1] <= 1e-6 < solve.relative[-2]  # PETSc's test: ||r|| <= rtol ||b||
+    last = heat_oracle(heat_stepper, select=-1)(heat_task(), {"pc_sor_omega": 1.5})
+    assert last.iterations == run.solves[-1].iterations and len(last.solves) == 3
+    assert heat_oracle(heat_stepper, select="heat_")(heat_task(), {"pc_sor_omega": 1.5}).iterations == run.iterations
+    other = heat_oracle(heat_stepper, select="other_")(heat_task(), {"pc_sor_omega": 1.5})
+    assert other.failed and "prefixes seen: ['heat_']" in other.error
+
+
+def test_first_step_agrees_with_ksp_oracle(heat_stepper, tmp_path):
+    """The program's step matrix, exported by PETSc's -ksp_view_mat, solved in-process from the same
+    guess u0 with b = u0 + dt: identical iteration count and residual history."""
+    matrix = tmp_path / "A.bin"
+    run = heat_oracle(heat_stepper)(heat_task(steps=1, contrast=1.0, seed=2),
+                                    {"pc_sor_omega": 1.3, "ksp_view_mat": f"binary:{matrix}"})
+    A = PETSc.Mat().load(PETSc.Viewer().createBinary(str(matrix), "r", comm=PETSc.COMM_SELF))
+    n, h = 12, 1 / 13
+    x, y = np.meshgrid(np.arange(1, n + 1) * h, np.arange(1, n + 1) * h)  # row-major, x fastest
+    u0 = (16 * x * (1 - x) * y * (1 - y)).ravel()
+    reference = KSPOracle("richardson", "sor", rtol=1e-6)(LinearSystem(A, u0 + 0.01),
+                                                          {"x0": u0, "pc_sor_omega": 1.3, "pc_sor_forward": None})
+    [solve] = run.solves
+    assert solve.iterations == reference.iterations == run.iterations
+    np.testing.assert_allclose(solve.residuals, reference.residuals, rtol=HISTORY_RTOL)
+
+
+def test_a_run_with_one_failed_solve_is_failed_unless_tolerated(tmp_path):
+    first = MONITOR_OUTPUT
+    diverged = MONITOR_OUTPUT.replace("converged due to CONVERGED_RTOL", "did not converge due to DIVERGED_DTOL")
+    text = first + diverged + first
+    strict = ExecutableOracle(canned(tmp_path, text), task_args=no_arguments)({})
+    assert strict.failed and strict.reason == PETSc.KSP.ConvergedReason.DIVERGED_DTOL and strict.iterations == 6
+    tolerant = ExecutableOracle(canned(tmp_path, text), task_args=no_arguments, tolerate_failures=True)({})
+    assert not tolerant.failed and tolerant.converged and tolerant.iterations == 6
+    budget = first + MONITOR_OUTPUT.replace("converged due to CONVERGED_RTOL", "did not converge due to DIVERGED_ITS")
+    capped = ExecutableOracle(canned(tmp_path, budget), task_args=no_arguments)({})
+    assert capped.hit_max_it and not capped.failed and not capped.converged
+
+
+def test_nonlinear_program_newton_and_linear_work(heat_stepper):
+    """beta > 0: one SNES solve per step, each Newton step one linear solve (prefix heat_)."""
+    task = heat_task(beta=200.0, steps=2)
+    setting = {"pc_sor_omega": 1.4, "snes_rtol": 1e-8}
+    linear = heat_oracle(heat_stepper, nonlinear=True)(task, setting)
+    newton = heat_oracle(heat_stepper, nonlinear=True, count="nonlinear")(task, setting)
+    assert not linear.failed and not newton.failed
+    assert len(linear.solves) == 2 and all(isinstance(s, NonlinearSolve) for s in linear.solves)
+    for solve in linear.solves:
+        assert solve.prefix == "heat_" and solve.converged and solve.iterations >= 2
+        assert len(solve.linear) == solve.iterations and len(solve.residuals) == solve.iterations + 1
+        assert all(inner.prefix == "heat_" and inner.iterations > 0 for inner in solve.linear)
+        assert solve.residuals[-1] <= 1e-8 * solve.residuals[0]
+    assert newton.iterations == sum(s.iterations for s in linear.solves)
+    assert linear.iterations == sum(inner.iterations for s in linear.solves for inner in s.linear) > newton.iterations
+    assert newton.norm_type == "function" and len(newton.residuals) == newton.iterations + 2
+
+
+SNES_OUTPUT = """\
+step chatter 0 SNES Function norm is not a monitor line
+  0 SNES Function norm 1.000000000000e+00
+    Linear heat_ solve converged due to CONVERGED_RTOL iterations 7
+  1 SNES Function norm 1.000000000000e-03
+    Linear heat_ solve did not converge due to DIVERGED_ITS iterations 50
+  2 SNES Function norm 1.000000000000e-09
+Nonlinear heat_ solve converged due to CONVERGED_FNORM_RELATIVE iterations 2
+"""
+
+
+def test_parser_nests_linear_solves_in_their_newton_solve():
+    [solve] = parse_run_output(SNES_OUTPUT).solves
+    assert isinstance(solve, NonlinearSolve) and solve.iterations == 2 and solve.converged
+    assert solve.reason == PETSc.SNES.ConvergedReason.CONVERGED_FNORM_RELATIVE
+    assert [s.iterations for s in solve.linear] == [7, 50] and solve.linear_iterations == 57
+    assert not solve.linear[1].converged  # an inexact Newton step: the SNES converged all the same
+    np.testing.assert_array_equal(solve.residuals, [1.0, 1e-3, 1e-9])
+    with pytest.raises(UnreadableOutput, match="inside a nonlinear solve"):
+        parse_run_output(SNES_OUTPUT.rsplit("Nonlinear", 1)[0])
+    with pytest.raises(UnreadableOutput, match="unknown nonlinear converged reason"):
+        parse_run_output(SNES_OUTPUT.replace("FNORM_RELATIVE", "BANANA"))
+
+
+def test_run_iteration_proxy_tracks_the_total(heat_stepper):
+    """The smoothed count over a run's solves (each against its own ||b||, read from the monitor)
+    is within one iteration per solve of the true total, and so is its ordering across omega."""
+    from metasolve.run_cost import RunIterationProxy
+
+    cost = RunIterationProxy(1e-6)
+    oracle = heat_oracle(heat_stepper)
+    for omega in (1.1, 1.6):
+        proxy_run = oracle(heat_task(dt=0.05), {"pc_sor_omega": omega, **cost.overrides})
+        exact_run = oracle(heat_task(dt=0.05), {"pc_sor_omega": omega})
+        assert abs(cost(proxy_run, None) - exact_run.iterations) <= len(exact_run.solves)
+
+
+# ---------------------------------------------------------------- nothing left behind
+
+def _wait_for(path: Path, seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+STUBBORN_PROGRAM = (
+    # a descendant that leaves the process group, one orphaned by a subshell that exits at once,
+    # and the program itself busy in a solve-like sleep
+    'setsid sleep 60 & echo $! > "$0.setsid"; (setsid sleep 60 & echo $! > "$0.orphan"); '
+    'echo ready > "$0.ready"; sleep 60')
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_during_a_run_leaves_no_process_and_no_files(tmp_path, signum):
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    stem = tmp_path / "pids"
+    script = tmp_path / "train_like.py"
+    script.write_text(textwrap.dedent(f"""
+        from solvers.executable import ExecutableOracle
+        oracle = ExecutableOracle(["sh", "-c", {STUBBORN_PROGRAM!r}, {str(stem)!r}],
+                                  task_args=lambda task, directory: open(directory + "/A.bin", "w").close() or [],
+                                  timeout=None)
+        oracle({{}})
+    """))
+    env = {**child_environment(), "PYTHONPATH": str(REPO), "TMPDIR": str(scratch)}
+    python = subprocess.Popen([sys.executable, str(script)], env=env, cwd=str(REPO),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _wait_for(Path(f"{stem}.ready"))
+    leftovers = [int(Path(f"{stem}.{kind}").read_text()) for kind in ("setsid", "orphan")]
+    assert all(alive(pid) for pid in leftovers)
+    python.send_signal(signum)
+    _, stderr = python.communicate(timeout=30)
+    assert python.returncode == -signum, stderr.decode()  # ended by the signal, as a scheduler expects
+    assert not any(alive(pid) for pid in leftovers)
+    assert list(scratch.iterdir()) == []
+
+
+def test_timeout_kills_descendants_that_left_the_group(tmp_path):
+    stem = tmp_path / "pids"
+    command = ["sh", "-c", STUBBORN_PROGRAM, str(stem)]
+    start = time.perf_counter()
+    outcome = ExecutableOracle(command, task_args=no_arguments, timeout=0.5)({})
+    elapsed = time.perf_counter() - start
+    assert outcome.failed and "timed out after 0.5 s" in outcome.error
+    assert elapsed < 5.0  # 0.5 s budget + kill; waiting on a survivor would take 60 s
+    assert not any(alive(int(Path(f"{stem}.{kind}").read_text())) for kind in ("setsid", "orphan"))
+
+
+def test_a_finished_program_leaves_nothing_running(tmp_path):
+    pid_file = tmp_path / "daemon.pid"
+    command = ["sh", "-c", 'setsid sleep 60 & echo $! > "$0"; cat "$1"', str(pid_file), str(tmp_path / "out.txt")]
+    (tmp_path / "out.txt").write_text(MONITOR_OUTPUT)
+    outcome = ExecutableOracle(command, task_args=no_arguments, prefix="sys_")({})
+    assert not outcome.failed and not alive(int(pid_file.read_text()))
+
+
+@pytest.mark.parametrize("stream, status, message", [(">&2", 3, "exited with status 3"),
+                                                     ("", 0, "never finished a solve")])
+def test_error_text_is_capped(stream, status, message):
+    """A 20 MB single-line output (the cap does not depend on the size) yields a short error."""
+    command = ["sh", "-c", f"head -c 20000000 /dev/zero | tr '\\0' x {stream}; exit {status}", "sh"]
+    outcome = ExecutableOracle(command, task_args=no_arguments)({})
+    assert outcome.failed and message in outcome.error
+    assert len(outcome.error) < 5_000 and "characters]" in outcome.error
+
+
+def test_no_timeout():
+    for timeout in (math.inf, None):
+        outcome = ExecutableOracle(["sh", "-c", "sleep 0.1; exit 4", "sh"], task_args=no_arguments, timeout=timeout)({})
+        assert outcome.failed and "exited with status 4" in outcome.error
+
+
+# ---------------------------------------------------------------- delivering learned settings
+
+def test_predict_writes_an_options_file_the_unmodified_program_reads(heat_stepper, tmp_path):
+    """train (here: a fixed network) -> `metasolve predict` -> the program run with -options_file:
+    PETSc reads every line, and the run is exactly the oracle's run with the predicted omega."""
+    import torch
+
+    from metasolve import Interval, MetaSolver, Space
+    from metasolve.predict import Delivery, save_for_program
+
+    meta = MetaSolver(3, Space({"pc_sor_omega": Interval(1.0, 1.95)}), depth=0)
+    with torch.no_grad():
+        meta.net[-1].weight[0, 1] = 0.4  # omega grows with kappa
+    model = tmp_path / "model.pt"
+    save_for_program(model, meta, Delivery(HEAT_FEATURES, prefix="heat_"))
+    task = heat_task(kappa=3.0)
+    result = subprocess.run([str(Path(sys.executable).parent / "metasolve"), "predict", str(model),
+                             "--out", str(tmp_path / "job"), "--", *task.argv()],
+                            capture_output=True, text=True, env={**child_environment(), "PYTHONPATH": str(REPO)},
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    options_file = tmp_path / "job" / "metasolve.opts"
+    omega = meta.predict(task)["pc_sor_omega"]
+    assert 1.5 < omega < 1.95 and f"-heat_pc_sor_omega {omega!r}" in options_file.read_text()
+    fixed = [a for name, value in HEAT.items() for a in (f"-heat_{name}", *([] if value is None else [str(value)]))]
+    program = subprocess.run([heat_stepper, *task.argv(), *fixed, "-options_file", str(options_file),
+                              "-heat_ksp_monitor_true_residual", "-heat_ksp_converged_reason", "-options_left"],
+                             capture_output=True, text=True, env=child_environment(), timeout=60)
+    assert program.returncode == 0 and "Option left" not in program.stdout, program.stdout[-2000:]
+    delivered = parse_run_output(program.stdout)
+    expected = heat_oracle(heat_stepper)(task, {"pc_sor_omega": omega})
+    default = heat_oracle(heat_stepper)(task)
+    assert [s.iterations for s in delivered.solves] == [s.iterations for s in expected.solves]
+    assert sum(s.iterations for s in delivered.solves) != default.iterations
+
+
+def test_predict_writes_a_guess_vector_the_program_loads(legacy_solver, tmp_path):
+    import torch
+
+    from metasolve import MetaSolver, Space, Vector
+    from metasolve.predict import Delivery, predict, save_for_program
+
+    meta = MetaSolver(1, Space({"x0": Vector(16, basis="identity", scale=0.01)}), depth=0)
+    with torch.no_grad():
+        meta.net[-1].bias.copy_(torch.linspace(-1, 1, 16, dtype=torch.float64))
+    model = tmp_path / "model.pt"
+    save_for_program(model, meta, Delivery(ArgumentFeatures(("contrast",)), guess_flag="-x0"))
+    options_file, setting = predict(model, tmp_path / "job", arguments=["-n", "4", "-contrast", "1.5"])
+    assert (tmp_path / "job" / "x0.bin").is_file() and "-x0 " in options_file.read_text()
+    program = subprocess.run([legacy_solver, "-n", "4", "-contrast", "1.5", "-options_file", str(options_file),
+                              "-ksp_type", "cg", "-ksp_monitor_true_residual", "-ksp_converged_reason", "-options_left"],
+                             capture_output=True, text=True, env=child_environment(), timeout=60)
+    assert program.returncode == 0 and "Option left" not in program.stdout, program.stdout[-2000:]
+    oracle = ExecutableOracle([legacy_solver], options={"ksp_type": "cg"},
+                              task_args=lambda task, directory: ["-n", "4", "-contrast", "1.5"])
+    expected = oracle({"n": 4}, {"x0": setting["x0"]})
+    np.testing.assert_allclose(parse_run_output(program.stdout).solves[0].residuals, expected.residuals, rtol=1e-12)
+    assert expected.residuals[0] != oracle({"n": 4}).residuals[0]  # the guess reached the program
+
+
+def test_predict_refuses_a_task_it_cannot_compute_features_for(tmp_path):
+    from metasolve import Interval, MetaSolver, Space
+    from metasolve.predict import Delivery, predict, save_for_program
+
+    meta = MetaSolver(3, Space({"pc_sor_omega": Interval(1.0, 1.95)}), depth=0)
+    model = tmp_path / "model.pt"
+    meta.save(model)
+    with pytest.raises(ValueError, match="no argument features stored"):
+        predict(model, tmp_path, arguments=["-n", "4"])
+    save_for_program(model, meta, Delivery(HEAT_FEATURES, prefix="heat_"))
+    with pytest.raises(ValueError, match=r"lack \['kappa', 'dt'\]"):
+        predict(model, tmp_path, arguments=["-n", "4"])
+    with pytest.raises(ValueError, match="must be positive"):
+        predict(model, tmp_path, arguments=["-n", "4", "-kappa", "0", "-dt", "1"])

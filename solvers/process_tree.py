@@ -1,0 +1,158 @@
+"""Leaving nothing running: a child program's whole process tree, found through /proc, and
+SIGTERM/SIGINT turned into an orderly stop of it.
+
+A program may start descendants that leave its process group (`setsid`, an MPI launcher's
+proxies, a daemonising helper); `killpg` misses those, and a killed parent's orphans are
+re-parented to init, where the parent-pid links no longer reach them. So every child is started
+with a unique environment variable (`MARKER`) that its descendants inherit, and the tree is the
+union of the parent-pid closure and every process whose initial environment carries the marker
+(`/proc/<pid>/environ`, readable for our own processes). Linux only; no psutil needed.
+
+Signals: a batch scheduler sends SIGTERM before the kill, a user presses Ctrl-C. Python's default
+SIGTERM action ends the interpreter at once — no `finally`, no temporary-directory cleanup, the
+child orphaned. `stop_on_signals` turns a default-disposition SIGTERM/SIGINT into an exception
+while a program runs, so the tree is killed and temporary files removed as the stack unwinds;
+`deliver` then ends the process with the signal's own status, which a scheduler understands.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+MARKER = "METASOLVE_PROCESS_TREE"
+_counter = itertools.count()
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_KILL_ROUNDS = 10
+_KILL_PAUSE = 0.01
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGINT arrived while a program ran (a BaseException, like KeyboardInterrupt,
+    so no `except Exception` in between swallows it)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+def new_marker() -> str:
+    """A value for MARKER unique to one program run."""
+    return f"{os.getpid()}-{next(_counter)}-{os.urandom(4).hex()}"
+
+
+def _processes() -> Iterator[tuple[int, int]]:
+    """(pid, parent pid) of every process visible in /proc."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as stat:
+                    fields = stat.read().rsplit(b")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != b"Z":
+                yield int(entry), int(fields[1])
+
+
+def _carries(pid: int, needle: bytes) -> bool:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as environ:
+            return needle in environ.read().split(b"\0")
+    except OSError:
+        return False
+
+
+def tree(root: int | None, marker: str) -> set[int]:
+    """Live processes descended from `root` or carrying `MARKER=marker` (never this process)."""
+    table = list(_processes())
+    needle = f"{MARKER}={marker}".encode()
+    members = {pid for pid, _ in table if _carries(pid, needle)}
+    if root is not None:
+        members.add(root)
+    children: dict[int, list[int]] = {}
+    for pid, parent in table:
+        children.setdefault(parent, []).append(pid)
+    stack = list(members)
+    while stack:
+        for child in children.get(stack.pop(), []):
+            if child not in members:
+                members.add(child)
+                stack.append(child)
+    live = {pid for pid, _ in table}
+    return (members & live) - {os.getpid()}
+
+
+def kill_tree(process: subprocess.Popen, marker: str) -> None:
+    """SIGKILL the program's process group and every process of its tree, then reap the program.
+
+    Repeated until a scan finds nothing, since a process may fork between a scan and its kill.
+    Once the program itself is reaped its pid may be reused, so only the marker finds its
+    leftovers. SIGTERM/SIGINT wait (blocked) until the tree is gone.
+    """
+    with signals_blocked():
+        if process.poll() is None:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        for _ in range(_KILL_ROUNDS):
+            members = tree(process.pid if process.poll() is None else None, marker)
+            if not members:
+                break
+            for pid in members:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            time.sleep(_KILL_PAUSE)  # SIGKILL is asynchronous: let the kernel finish before rescanning
+        process.wait()
+
+
+@contextmanager
+def signals_blocked() -> Iterator[None]:
+    """SIGTERM/SIGINT wait (pending) until the block is done: for cleanup that must not be cut short."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """While inside, SIGTERM/SIGINT whose disposition is the default (end the process at once, no
+    cleanup) raise `Interrupted` instead (main thread only: Python handles signals there alone).
+
+    A Python handler already installed is left alone: if it raises (KeyboardInterrupt, SystemExit)
+    the exception unwinds through the caller's cleanup like any other; if it only records the
+    signal (a trainer finishing its step first), the running program is left to finish.
+    """
+    installed = []
+    if threading.current_thread() is threading.main_thread():
+        for signum in _SIGNALS:
+            if signal.getsignal(signum) == signal.SIG_DFL:
+                signal.signal(signum, _raise)
+                installed.append(signum)
+    try:
+        yield
+    finally:
+        for signum in installed:
+            signal.signal(signum, signal.SIG_DFL)
+
+
+def _raise(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
+
+
+def deliver(interrupted: Interrupted) -> None:
+    """After cleanup, end the process as the signal's default action would have: killed by it
+    (the status a batch scheduler reads as "terminated")."""
+    signal.signal(interrupted.signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [interrupted.signum])
+    os.kill(os.getpid(), interrupted.signum)
+    raise interrupted  # not reached: the default action ends the process
