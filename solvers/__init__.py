@@ -4,7 +4,8 @@ from solvers.executable import ExecutableOracle
 from solvers.ksp import KSPOracle
 from solvers.linear_system import LinearSystem
 from solvers.outcome import Outcome
+from solvers.program_task import ArgumentFeatures, ProgramTask
 from solvers.snes import SNESOracle
 from solvers.twins import cg_residuals, jacobi_residuals, twin_for
 
-__all__ = ["ExecutableOracle", "KSPOracle", "LinearSystem", "Outcome", "SNESOracle", "cg_residuals", "jacobi_residuals", "twin_for"]
+__all__ = ["ArgumentFeatures", "ExecutableOracle", "KSPOracle", "LinearSystem", "Outcome", "ProgramTask", "SNESOracle", "cg_residuals", "jacobi_residuals", "twin_for"]
