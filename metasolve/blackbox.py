@@ -150,6 +150,8 @@ class BlackBox:
         logger.log(logging.WARNING if fresh else logging.DEBUG,
                    "%d of %d solve(s) failed (%d centre(s): zero gradient; queries %s): %s",
                    len(errors), int(asked.sum()), centres, action, lines)
+
+
 class _BlackBoxFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, theta: torch.Tensor, box: BlackBox, tasks: list) -> torch.Tensor:

@@ -105,14 +105,15 @@ def test_a_query_that_diverges_mid_batch_is_dropped_counted_and_logged_once(capl
 
 def test_penalized_failures_push_away_from_the_divergence_cliff():
     """Charged failure_value (0, i.e. no residual reduction) instead of dropped, the diverging
-    +ε queries of task 1 make ∂cost/∂s large and positive: the estimate now sees the cliff."""
+    +ε query of task 1 adds (0 − f(θ))/ε > 0 along +s: the estimate now sees the cliff, so ∂cost/∂s
+    is larger than with the query dropped (which leaves only the tangents pointing away from it)."""
     dropped, tasks, theta = _divergence_case("drop")
     dropped(theta, tasks).sum().backward()
     drop_gradient = theta.grad.clone()
     penalized, tasks, theta = _divergence_case("penalize")
     penalized(theta, tasks).sum().backward()
     assert penalized.stats.failed_queries == dropped.stats.failed_queries >= 1
-    assert theta.grad[1, 0] > 0 and theta.grad[1, 0] > drop_gradient[1, 0]
+    assert theta.grad[1, 0] > drop_gradient[1, 0] + 0.1 * drop_gradient[1, 0].abs()
     assert torch.equal(theta.grad[0], drop_gradient[0]) and theta.grad[2].abs().sum() == 0
 
 
