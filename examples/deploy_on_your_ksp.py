@@ -4,8 +4,10 @@
     .venv/bin/python examples/deploy_on_your_ksp.py runs/demo/meta_solver.pt
 
 The KSP below is an ordinary petsc4py solve, configured the way the meta-solver was trained
-(Richardson + SSOR, rtol 1e-6). `MetaSolver.apply` puts the predicted setting on it: options go
-into the options database under the KSP's prefix, an initial guess into the solution vector.
+(Richardson + SSOR, rtol 1e-6). `MetaSolver.apply` puts the predicted setting on it for one
+solve: options go into the options database under the KSP's prefix (checked as read, removed
+afterwards), an initial guess into the solution vector. A meta-solver trained on operator
+features (`features = "operator"`) predicts for any `LinearSystem(A, b)` of yours, no family needed.
 """
 from __future__ import annotations
 
@@ -47,8 +49,8 @@ def main() -> None:
 
         begin = time.perf_counter()
         setting = meta.predict(task)          # includes the network's inference in the timing
-        MetaSolver.apply(setting, ksp, x)
-        ksp.solve(b, x)
+        with MetaSolver.apply(setting, ksp, x):
+            ksp.solve(b, x)
         seconds = time.perf_counter() - begin
         print(f"{index:>6} {zero_iterations:>12} {ksp.getIterationNumber():>12} "
               f"{1e3 * zero_seconds:>9.2f} {1e3 * seconds:>13.2f}")

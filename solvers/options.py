@@ -77,9 +77,10 @@ def split_setting(setting: Mapping[str, Any], base: Mapping[str, Any] | None = N
     for key, value in setting.items():
         if key == guess:
             vector = np.array(value, dtype=np.float64)
-            if vector.ndim != 1 or vector.size == 0 or (size is not None and vector.shape != (size,)):
-                expected = f"{size} unknowns" if size is not None else "a non-empty vector expected"
-                raise ValueError(f"{guess} has shape {vector.shape}, the system has {expected}")
+            if size is not None and vector.shape != (size,):
+                raise ValueError(f"{guess} has shape {vector.shape}, the system has {size} unknowns")
+            if vector.ndim != 1 or vector.size == 0:
+                raise ValueError(f"{guess} must be a non-empty vector, got shape {vector.shape}")
             if not np.all(np.isfinite(vector)):
                 raise ValueError(f"{guess} contains non-finite values")
         elif key in keep:
@@ -101,22 +102,34 @@ def command_line(options: Mapping[str, str], prefix: str = "") -> list[str]:
 def prefixed_options(prefix: str, options: Mapping[str, Any]) -> Iterator[None]:
     """Put `options` into the global database under `prefix`; afterwards leave it as found.
 
-    An option that was already set (a user's own `-mycode_pc_sor_omega 1.2`) gets its old
-    value back; one that was not is deleted.
+    Each option is deleted before it is set, so PETSc's used-flag starts clear and
+    `unused_options` tells whether *this* solve read it. Afterwards an option that was already
+    there (a user's own `-mycode_pc_sor_omega 1.2`) gets its old value and used-flag back; one
+    that was not is deleted.
     """
     db = PETSc.Options()
-    names = [f"-{prefix}{option_name(k)}" for k in options]
-    previous = {name: db.getString(name) for name in names if db.hasName(name)}
+    names = [f"{prefix}{option_name(k)}" for k in options]
+    previous = {name: (db.getString(f"-{name}"), used) for name in names
+                if (used := _was_used(name)) is not None}
     try:
         for name, value in zip(names, options.values()):
-            db.setValue(name, format_value(value))
+            db.delValue(f"-{name}")
+            db.setValue(f"-{name}", format_value(value))
         yield
     finally:
         for name in names:
+            db.delValue(f"-{name}")
             if name in previous:
-                db.setValue(name, previous[name])
-            else:
-                db.delValue(name)
+                value, used = previous[name]
+                db.setValue(f"-{name}", value)
+                if used:
+                    db.getString(f"-{name}")  # reading marks it used again, as it was
+
+
+def _was_used(name: str) -> bool | None:
+    """None if `name` is not in the database, else whether PETSc had read it before we looked."""
+    used = not unused_options("", [name])  # first: hasName itself marks the option used
+    return used if PETSc.Options().hasName(f"-{name}") else None
 
 
 def _libpetsc() -> ctypes.CDLL:
@@ -138,16 +151,33 @@ def _libpetsc() -> ctypes.CDLL:
 _LIB: ctypes.CDLL | None = None
 
 
-def unused_options(prefix: str, names: list[str]) -> list[str]:
-    """The names among `names` (set under `prefix`) that PETSc never read."""
+def libpetsc() -> ctypes.CDLL:
+    """The loaded libpetsc, for the few calls petsc4py does not wrap."""
     global _LIB
     if _LIB is None:
         _LIB = _libpetsc()
+    return _LIB
+
+
+def unused_options(prefix: str, names: list[str]) -> list[str]:
+    """The names among `names` (set under `prefix`) that PETSc never read."""
+    lib = libpetsc()
     unused = []
     for name in names:
         flag = ctypes.c_int(0)
-        if _LIB.PetscOptionsUsed(None, f"{prefix}{name}".encode(), ctypes.byref(flag)) != 0:
+        if lib.PetscOptionsUsed(None, f"{prefix}{name}".encode(), ctypes.byref(flag)) != 0:
             raise RuntimeError(f"PetscOptionsUsed failed for {name!r}")
         if not flag.value:
             unused.append(name)
     return unused
+
+
+def check_used(prefix: str, names: Collection[str], solver: str) -> None:
+    """Raise the one error training and deployment give for an option PETSc never read.
+
+    PETSc itself ignores such an option silently, so a misspelt `pc_sor_omgea` would train (or
+    deploy) a constant. `solver` names what was configured, e.g. "ksp_type=cg pc_type=sor".
+    """
+    unused = unused_options(prefix, list(names))
+    if unused:
+        raise ValueError(f"unknown or inapplicable PETSc option(s) {unused} for {solver}: PETSc never read them")

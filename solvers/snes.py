@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from solvers._petsc import PETSc
-from solvers.options import option_name, prefixed_options, unique_prefix, unused_options
+from solvers._petsc import PETSc, stage
+from solvers.options import check_used, prefixed_options, split_setting, unique_prefix
 from solvers.outcome import Outcome
 
 Residual = Callable[[Any, Mapping[str, Any], np.ndarray], np.ndarray]
@@ -105,7 +105,7 @@ class SNESOracle:
         self.vectorized = bool(vectorized)
         self.snes_type, self.linesearch = snes_type, linesearch
         self.rtol, self.atol, self.stol, self.max_it = float(rtol), float(atol), float(stol), int(max_it)
-        self.options = {option_name(k): v for k, v in (options or {}).items()}
+        self.options = split_setting({}, options).options
         self.problem_keys = frozenset(problem_keys)
         self.warm_start = bool(warm_start)
         self.prefix = unique_prefix("snes")
@@ -124,20 +124,8 @@ class SNESOracle:
             outcomes.append(outcome)
         return outcomes
 
-    def _split(self, setting: Mapping[str, Any]) -> tuple[dict, dict, np.ndarray | None]:
-        """(problem entries, PETSc options, explicit initial guess) of one setting."""
-        problem, options, u0 = {}, dict(self.options), None
-        for key, value in setting.items():
-            if key == "u0":
-                u0 = np.array(value, dtype=np.float64)
-            elif key in self.problem_keys:
-                problem[key] = value
-            else:
-                options[option_name(key)] = value
-        return problem, options, u0
-
     def _solve(self, task: Any, setting: Mapping[str, Any], start_from: np.ndarray | None) -> Outcome:
-        problem, options, u0 = self._split(setting)
+        u0, options, problem = split_setting(setting, self.options, guess="u0", keep=self.problem_keys)
         if u0 is None:
             u0 = start_from if start_from is not None else np.asarray(self.initial_guess(task, problem), np.float64)
         if u0.ndim != 1 or u0.size == 0:
@@ -146,10 +134,7 @@ class SNESOracle:
             raise ValueError("SNESOracle: the initial guess contains non-finite values")
         with prefixed_options(self.prefix, options):
             outcome = self._run(task, problem, options, u0.copy())
-            unused = unused_options(self.prefix, list(options))
-        if unused:
-            raise ValueError(f"unknown or inapplicable PETSc option(s) {unused} for snes_type={self.snes_type}: "
-                             "PETSc never read them")
+            check_used(self.prefix, options, f"snes_type={self.snes_type}")
         return outcome
 
     def _run(self, task: Any, problem: dict, options: dict, u0: np.ndarray) -> Outcome:
@@ -165,13 +150,15 @@ class SNESOracle:
             snes.setFunction(self._function(task, problem, errors), f)
             snes.setJacobian(self._jacobian_callback(task, problem, errors), matrix)
             try:
-                self._configure(snes)
+                with stage("oracle setup"):
+                    self._configure(snes)
             except PETSc.Error as error:
                 raise ValueError(f"PETSc rejected the SNES configuration (snes_type={self.snes_type!r}, "
                                  f"linesearch={self.linesearch!r}, options {options}): {error}") from None
             x.setArray(u0)
             try:
-                snes.solve(None, x)
+                with stage("oracle solve"):
+                    snes.solve(None, x)
             except PETSc.Error as error:
                 message = errors[0] if errors else f"PETSc error in SNESSolve: {error}"
                 return Outcome.failure(message, reason=int(snes.getConvergedReason()),
