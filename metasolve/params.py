@@ -48,6 +48,9 @@ class Interval:
             raise ValueError(f"{value} lies outside the open interval ({self.lo}, {self.hi})")
         return torch.tensor([_logit((value - self.lo) / (self.hi - self.lo))], dtype=torch.float64)
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "interval", "lo": self.lo, "hi": self.hi}
+
     def __repr__(self) -> str:
         return f"Interval({self.lo}, {self.hi})"
 
@@ -69,6 +72,9 @@ class LogInterval(Interval):
             raise ValueError(f"{value} lies outside the open interval ({self.lo}, {self.hi})")
         fraction = (math.log(value) - math.log(self.lo)) / (math.log(self.hi) - math.log(self.lo))
         return torch.tensor([_logit(fraction)], dtype=torch.float64)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "log_interval", "lo": self.lo, "hi": self.hi}
 
     def __repr__(self) -> str:
         return f"LogInterval({self.lo}, {self.hi})"
@@ -142,6 +148,10 @@ class Vector:
             return x / self.scale
         return torch.linalg.lstsq(self.basis, x[:, None]).solution[:, 0] / self.scale
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "vector", "n": list(self.shape), "basis": self.basis_name, "modes": self.modes,
+                "scale": self.scale, "decay": self.decay}
+
     def __repr__(self) -> str:
         n = self.shape[0] if len(self.shape) == 1 else self.shape
         return f"Vector({n}, basis={self.basis_name!r}, modes={self.modes}, scale={self.scale}, decay={self.decay})"
@@ -183,6 +193,29 @@ class Space:
         if missing:
             raise ValueError(f"setting lacks {sorted(missing)} required by the space")
         return torch.cat([part.encode(setting[name]) for name, part in self.parts.items()])
+
+    def to_dict(self) -> dict[str, Any]:
+        """The space as plain data (names, kinds, numbers), so a saved model loads without pickle."""
+        return {"parts": [[name, part.to_dict()] for name, part in self.parts.items()]}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Space":
+        """Inverse of `to_dict`; an unknown part kind or a bad entry is a ValueError naming it."""
+        builders = {
+            "interval": lambda d: Interval(d["lo"], d["hi"]),
+            "log_interval": lambda d: LogInterval(d["lo"], d["hi"]),
+            "vector": lambda d: Vector(d["n"][0] if len(d["n"]) == 1 else tuple(d["n"]), basis=d["basis"],
+                                       modes=d["modes"], scale=d["scale"], decay=d["decay"]),
+        }
+        parts = {}
+        for name, part in data["parts"]:
+            if part.get("kind") not in builders:
+                raise ValueError(f"space part {name!r} has unknown kind {part.get('kind')!r}")
+            try:
+                parts[name] = builders[part["kind"]](part)
+            except (KeyError, TypeError) as error:
+                raise ValueError(f"space part {name!r} ({part['kind']}) is malformed: {error!r}") from None
+        return cls(parts)
 
     def __repr__(self) -> str:
         return "Space({" + ", ".join(f"{k!r}: {v!r}" for k, v in self.parts.items()) + "})"
