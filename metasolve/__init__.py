@@ -10,11 +10,13 @@ from metasolve.cost import IterationProxy, Iterations, LogResidual
 from metasolve.estimators import SPSA, ControlVariate, Exact, FiniteDifference, ForwardGradient
 from metasolve.meta_solver import MetaSolver
 from metasolve.parallel import MPIExecutor, RemoteError, SerialExecutor
+from metasolve.protocols import Cost, Executor, Oracle
 from metasolve.params import Interval, LogInterval, Space, Vector
 from metasolve.surrogate import Surrogate
 from metasolve.train import Trainer
 
 __all__ = [
+    "Cost", "Executor", "Oracle",
     "BlackBox", "ControlVariate", "Exact", "FiniteDifference", "ForwardGradient", "Interval",
     "IterationProxy", "Iterations", "LogInterval", "LogResidual", "MPIExecutor", "MetaSolver", "RemoteError",
     "SPSA", "SerialExecutor", "Space", "Surrogate", "Trainer", "Vector",

@@ -96,10 +96,10 @@ def test_meta_solver_round_trip_and_apply_on_a_users_ksp(tmp_path):
     ksp.setTolerances(rtol=1e-6, max_it=20000)
     ksp.setNormType(PETSc.KSP.NormType.UNPRECONDITIONED)
     x = A.createVecRight()
-    MetaSolver.apply(setting, ksp, x)
-    assert ksp.getInitialGuessNonzero()
-    np.testing.assert_array_equal(x.getArray(), setting["x0"])
-    ksp.solve(b, x)
+    with MetaSolver.apply(setting, ksp, x):
+        assert ksp.getInitialGuessNonzero()
+        np.testing.assert_array_equal(x.getArray(), setting["x0"])
+        ksp.solve(b, x)
     learned = ksp.getIterationNumber()
     expected = KSPOracle(ksp_type="richardson", pc_type="jacobi", rtol=1e-6, max_it=20000)(task, setting)
     assert learned == expected.iterations
@@ -116,9 +116,8 @@ def test_apply_sets_options_under_the_users_prefix():
     ksp.setTolerances(rtol=1e-6, max_it=20000)
     ksp.setNormType(PETSc.KSP.NormType.UNPRECONDITIONED)
     ksp.setMonitor(lambda *_: None)  # without a monitor Richardson+SOR skips its convergence test (rich.c)
-    MetaSolver.apply({"pc_sor_omega": 1.7}, ksp)
-    PETSc.Options().delValue("-legacy_pc_sor_omega")
-    ksp.solve(b, A.createVecRight())
+    with MetaSolver.apply({"pc_sor_omega": 1.7}, ksp):
+        ksp.solve(b, A.createVecRight())
     oracle = KSPOracle(ksp_type="richardson", pc_type="sor", rtol=1e-6, max_it=20000)
     assert ksp.getIterationNumber() == oracle(task, {"pc_sor_omega": 1.7}).iterations
     assert ksp.getIterationNumber() != oracle(task).iterations
