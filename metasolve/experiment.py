@@ -75,15 +75,19 @@ def build_estimator(config: dict, features: torch.Tensor, theta_dim: int) -> Any
     if kind == "spsa":
         return SPSA(tangents=spec["tangents"], eps=spec["eps"])
     base = ForwardGradient(tangents=spec["tangents"], difference=spec["difference"], eps=spec["eps"],
-                           distribution=spec["distribution"], combine=spec["combine"])
+                           distribution=spec["distribution"], combine=spec["combine"], alpha=spec["alpha"],
+                           memory=spec["memory"])
     if kind == "forward":
         return base
     if kind == "control_variate":
         s = config["surrogate"]
         sample = torch.cat([features, torch.zeros(features.shape[0], theta_dim, dtype=torch.float64)], dim=1)
         net = Surrogate.mlp(features.shape[1], theta_dim, hidden=s["hidden"], depth=s["depth"], inputs=sample)
-        return ControlVariate(base, Surrogate(net, lr=s["lr"], value_weight=s["value_weight"],
-                                              jvp_weight=s["jvp_weight"], steps=s["steps"]))
+        surrogate = Surrogate(net, lr=s["lr"], value_weight=s["value_weight"], jvp_weight=s["jvp_weight"],
+                              steps=s["steps"], buffer=s["buffer"], batch_size=s["batch_size"],
+                              seed=config["train"]["seed"])
+        return ControlVariate(base, surrogate, coefficient=spec["coefficient"], decay=spec["decay"],
+                              allocation=spec["allocation"])
     raise ValueError(f"estimator.kind must be forward, control_variate, spsa or finite_difference, got {kind!r}")
 
 
@@ -110,7 +114,7 @@ def build_experiment(config: dict, executor: Any) -> Experiment:
         meta_solver.fit_normalizer(train_tasks)
     estimator = build_estimator(config, torch.stack([t.features for t in train_tasks]), space.dim)
     blackbox = BlackBox(build_oracle(config, executor), space, build_cost(config), estimator,
-                        executor=executor, seed=train["seed"])
+                        executor=executor, seed=train["seed"], failures=config["estimator"]["failures"])
     optimizer = torch.optim.Adam(meta_solver.parameters(), lr=train["lr"])
     reference = None
     if train["reference_every"]:
