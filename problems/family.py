@@ -24,7 +24,10 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
+import torch
 
+from solvers._petsc import PETSc
+from solvers.features import OPERATOR_FEATURE_NAMES, operator_features
 from solvers.linear_system import LinearSystem
 
 EVAL_OFFSET = 1_000_000
@@ -91,6 +94,61 @@ class Family(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.parameters.items())})"
+
+
+FEATURE_KINDS = ("operator", "family", "both")
+"""What a task's `features` hold: operator features of (A, b) (`solvers.features`), the family's
+own hand-made features, or both concatenated (operator features first)."""
+
+
+def with_features(family: Family, kind: str) -> Family:
+    """`family` whose tasks carry the `kind` of features (see `FEATURE_KINDS`)."""
+    if kind not in FEATURE_KINDS:
+        raise ValueError(f"features must be one of {', '.join(FEATURE_KINDS)}, got {kind!r}")
+    return family if kind == "family" else OperatorFeatures(family, kind)
+
+
+class OperatorFeatures(Family):
+    """A family whose tasks' features are computed from their operator, `operator_features(A, b)`,
+    alone (`kind = "operator"`) or followed by the family's own (`"both"`).
+
+    The same function serves deployment, where a user has only (A, b): a meta-solver trained on
+    these features needs nothing the family knew. Task `index` is still a pure function of
+    (parameters, seed, index); the features are computed on the task's `PETSc.COMM_SELF` copy of
+    A, which the oracle reuses.
+    """
+
+    def __init__(self, family: Family, kind: str = "operator") -> None:
+        if kind not in ("operator", "both"):
+            raise ValueError(f"OperatorFeatures kind must be 'operator' or 'both', got {kind!r}")
+        self.family, self.kind, self.key = family, kind, family.key
+        super().__init__(family.seed, **{k: v for k, v in family.parameters.items() if k != "seed"}, features=kind)
+
+    @property
+    def feature_dim(self) -> int:
+        own = self.family.feature_dim if self.kind == "both" else 0
+        return len(OPERATOR_FEATURE_NAMES) + own
+
+    def describe(self) -> str:
+        what = "operator features" if self.kind == "operator" else "operator features, then the family's own"
+        return (f"{self.family.describe()} Features used: {what} ({self.feature_dim} numbers: "
+                f"{', '.join(OPERATOR_FEATURE_NAMES)}).")
+
+    def _build(self, rng: np.random.Generator, index: int) -> Task:
+        task = self.family._build(rng, index)
+        A, b = task.petsc(PETSc.COMM_SELF)
+        operator = torch.from_numpy(operator_features(A, b))
+        if self.kind == "operator" or task.features is None:
+            task.features = operator
+        else:
+            task.features = torch.cat([operator, task.features.to(torch.float64)])
+        return task
+
+    def __getattr__(self, name: str) -> Any:
+        """Family-specific attributes (grid ranges, ...) read through to the wrapped family."""
+        if name == "family":
+            raise AttributeError(name)
+        return getattr(self.family, name)
 
 
 def check_count(name: str, value: Any, minimum: int = 1) -> int:
