@@ -6,7 +6,7 @@ coordinate; the constraint (an interval, positivity) lives in the smooth decode 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -157,6 +157,126 @@ class Vector:
         return f"Vector({n}, basis={self.basis_name!r}, modes={self.modes}, scale={self.scale}, decay={self.decay})"
 
 
+class Choice:
+    """One of a few named solver configurations (or values of one option), as a categorical policy.
+
+    θ holds one logit per choice; the policy is p = softmax(θ). Deployment takes the most probable
+    choice, so `decode` is argmax. Training cannot difference through argmax, so estimators for
+    discrete parts sample choices from p and use the score function ∇_θ log p(k) (see
+    `metasolve.score_function`). Each choice is either a value of the option this part is named
+    after (`Choice(["cg", "gmres"])` under the name "ksp_type") or a mapping of several options
+    (`Choice([{"ksp_type": "cg", "pc_type": "gamg"}, ...])`), which the space merges into the
+    setting: a choice decodes to PETSc options like every other part.
+    """
+
+    FORCE_MARGIN = 50.0
+
+    def __init__(self, choices: Sequence[Any]) -> None:
+        choices = list(choices)
+        if len(choices) < 2:
+            raise ValueError(f"Choice needs at least two choices, got {choices!r}")
+        expands = [isinstance(c, Mapping) for c in choices]
+        if any(expands) and not all(expands):
+            raise ValueError("Choice takes either option values or option mappings, not a mix")
+        if len({repr(c) for c in choices}) != len(choices):
+            raise ValueError(f"Choice has repeated choices: {choices!r}")
+        self.choices = [dict(c) for c in choices] if all(expands) else choices
+        self.expands = all(expands)
+        self.dim = self.n_values = len(choices)
+
+    def decode_tensor(self, raw: torch.Tensor) -> torch.Tensor:
+        return raw
+
+    def index(self, value: torch.Tensor) -> int:
+        """The deployed choice: the most probable one (ties go to the first)."""
+        return int(torch.argmax(value))
+
+    def to_setting(self, value: torch.Tensor) -> Any:
+        return self.choices[self.index(value)]
+
+    def log_probs(self, raw: torch.Tensor) -> torch.Tensor:
+        """log p(k | θ) for every choice k, [..., n_values], differentiable in θ."""
+        return torch.log_softmax(raw, dim=-1)
+
+    def force(self, k: int) -> torch.Tensor:
+        """A raw θ whose decode is choice k (a query point for a sampled choice)."""
+        raw = torch.full((self.dim,), -self.FORCE_MARGIN, dtype=torch.float64)
+        raw[k] = 0.0
+        return raw
+
+    def encode(self, value: Any) -> torch.Tensor:
+        matches = [k for k, c in enumerate(self.choices) if c == value]
+        if not matches:
+            raise ValueError(f"{value!r} is not one of the choices {self.choices!r}")
+        return torch.zeros(self.dim, dtype=torch.float64).index_fill_(0, torch.tensor(matches[:1]), 1.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "choice", "choices": self.choices}
+
+    def __repr__(self) -> str:
+        return f"Choice({self.choices!r})"
+
+
+class Integer:
+    """An integer option in [lo, hi] (GMRES restart, ILU levels, ASM overlap), as an ordinal policy.
+
+    One raw coordinate sets the policy's centre μ = lo − ½ + (hi − lo + 1)·sigmoid(θ), so every
+    integer owns an equal stretch of θ's image and `round(μ)` is the deployed value. Training
+    samples k from a discretised logistic around μ with spread s,
+        p(k) = F(k + ½) − F(k − ½),  F(x) = sigmoid((x − μ)/s),
+    with the tails folded into lo and hi, so neighbouring integers share probability: the score
+    function ∇_θ log p(k) then tells the policy which way along the integers the cost falls,
+    information a categorical over unrelated values would not share.
+    """
+
+    dim = 1
+
+    def __init__(self, lo: int, hi: int, spread: float | None = None) -> None:
+        if not (isinstance(lo, (int, np.integer)) and isinstance(hi, (int, np.integer)) and lo < hi):
+            raise ValueError(f"Integer needs integers lo < hi, got ({lo!r}, {hi!r})")
+        self.lo, self.hi = int(lo), int(hi)
+        self.n_values = self.hi - self.lo + 1
+        self.spread = float(spread) if spread is not None else max(1.0, self.n_values / 8)
+        if not (math.isfinite(self.spread) and self.spread > 0):
+            raise ValueError(f"Integer spread must be positive and finite, got {spread!r}")
+
+    def decode_tensor(self, raw: torch.Tensor) -> torch.Tensor:
+        return self.lo - 0.5 + self.n_values * torch.sigmoid(raw[0])
+
+    def index(self, value: torch.Tensor) -> int:
+        return int(min(max(math.floor(float(value) + 0.5), self.lo), self.hi)) - self.lo
+
+    def to_setting(self, value: torch.Tensor) -> int:
+        return self.lo + self.index(value)
+
+    def log_probs(self, raw: torch.Tensor) -> torch.Tensor:
+        """log p(k | θ) for k = lo..hi, [..., n_values] for raw of shape [..., 1]."""
+        centre = self.lo - 0.5 + self.n_values * torch.sigmoid(raw[..., :1])
+        edges = torch.arange(self.lo, self.hi, dtype=torch.float64) + 0.5
+        cdf = torch.sigmoid((edges - centre) / self.spread)
+        mass = torch.diff(cdf, dim=-1, prepend=torch.zeros_like(centre), append=torch.ones_like(centre))
+        return torch.log(mass.clamp(min=1e-300))
+
+    def force(self, k: int) -> torch.Tensor:
+        return torch.tensor([_logit((k + 0.5) / self.n_values)], dtype=torch.float64)
+
+    def encode(self, value: int) -> torch.Tensor:
+        if not (isinstance(value, (int, np.integer)) and self.lo <= value <= self.hi):
+            raise ValueError(f"{value!r} is not an integer in [{self.lo}, {self.hi}]")
+        return self.force(int(value) - self.lo)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "integer", "lo": self.lo, "hi": self.hi, "spread": self.spread}
+
+    def __repr__(self) -> str:
+        return f"Integer({self.lo}, {self.hi}, spread={self.spread})"
+
+
+def is_discrete(part: Part) -> bool:
+    """Parts decoded by argmax/rounding: estimators must sample them, not difference through them."""
+    return isinstance(part, (Choice, Integer))
+
+
 class Space:
     """Named parts composed into one raw vector θ; `decode` gives the oracle's setting."""
 
@@ -186,13 +306,29 @@ class Space:
     def decode(self, theta_row: torch.Tensor) -> dict[str, Any]:
         with torch.no_grad():
             tensors = self.decode_tensors(torch.as_tensor(theta_row, dtype=torch.float64))
-        return {name: self.parts[name].to_setting(value) for name, value in tensors.items()}
+        setting: dict[str, Any] = {}
+        for name, value in tensors.items():
+            part = self.parts[name]
+            decoded = part.to_setting(value)
+            entries = decoded if getattr(part, "expands", False) else {name: decoded}
+            clash = sorted(set(entries) & set(setting))
+            if clash:
+                raise ValueError(f"part {name!r} sets {clash}, already set by another part of the space")
+            setting.update(entries)
+        return setting
 
     def encode(self, setting: Mapping[str, Any]) -> torch.Tensor:
-        missing = set(self.parts) - set(setting)
-        if missing:
-            raise ValueError(f"setting lacks {sorted(missing)} required by the space")
-        return torch.cat([part.encode(setting[name]) for name, part in self.parts.items()])
+        """Raw θ for a decoded setting (a choice of option mappings is found by its options)."""
+        rows = []
+        for name, part in self.parts.items():
+            if getattr(part, "expands", False):
+                keys = set().union(*part.choices)
+                rows.append(part.encode({k: setting[k] for k in keys if k in setting}))
+            elif name not in setting:
+                raise ValueError(f"setting lacks {name!r} required by the space")
+            else:
+                rows.append(part.encode(setting[name]))
+        return torch.cat(rows)
 
     def to_dict(self) -> dict[str, Any]:
         """The space as plain data (names, kinds, numbers), so a saved model loads without pickle."""
@@ -206,6 +342,8 @@ class Space:
             "log_interval": lambda d: LogInterval(d["lo"], d["hi"]),
             "vector": lambda d: Vector(d["n"][0] if len(d["n"]) == 1 else tuple(d["n"]), basis=d["basis"],
                                        modes=d["modes"], scale=d["scale"], decay=d["decay"]),
+            "choice": lambda d: Choice(d["choices"]),
+            "integer": lambda d: Integer(d["lo"], d["hi"], spread=d["spread"]),
         }
         parts = {}
         for name, part in data["parts"]:
@@ -216,6 +354,9 @@ class Space:
             except (KeyError, TypeError) as error:
                 raise ValueError(f"space part {name!r} ({part['kind']}) is malformed: {error!r}") from None
         return cls(parts)
+
+    def discrete_parts(self) -> dict[str, Choice | Integer]:
+        return {name: part for name, part in self.parts.items() if is_discrete(part)}
 
     def __repr__(self) -> str:
         return "Space({" + ", ".join(f"{k!r}: {v!r}" for k, v in self.parts.items()) + "})"

@@ -1,0 +1,249 @@
+"""Gradients for discrete settings (which solver, which restart) through the black box.
+
+A discrete part is decoded by argmax or rounding, so θ ↦ cost is piecewise constant and no
+finite difference sees a slope. Instead the meta-solver's θ parametrises a *policy* p_θ(k) over
+the discrete values k (softmax for `Choice`, a discretised logistic for `Integer`, independent
+across parts), training minimises the expected cost J(θ) = E_{k~p_θ}[f(k)], and deployment takes
+the most probable value. The score-function (REINFORCE) identity
+
+    ∇J = Σ_k f(k) ∇p_θ(k) = E_{k~p_θ}[f(k) ∇ log p_θ(k)]
+
+needs only solves at sampled k. Its variance is large unless a baseline is subtracted. For any
+function c(k) that does not depend on the sample used,
+
+    ∇J = ∇ Σ_k p_θ(k) c(k) + E_{k~p_θ}[(f(k) − c(k)) ∇ log p_θ(k)],
+
+because E[c(k) ∇ log p(k)] = Σ_k c(k) ∇p(k) = ∇ Σ_k p(k) c(k) when c is held fixed. Two choices of c:
+
+* leave-one-out: with S samples, c for sample j is the mean cost of the other S − 1 samples of the
+  same task. It is independent of sample j, constant over k, so the first term vanishes
+  (Σ_k ∇p(k) = 0): unbiased, no model, S ≥ 2 solves per task.
+* a cost model ĉ(features, k), trained online on every (task, k, cost) the solver produced — the
+  surrogate of NI-GBMS for discrete settings. The first term is then an exact sum over all
+  values (cheap: ĉ predicts every k at once), and the sampled correction only carries the
+  model's error f − ĉ, so one solve per task suffices once the model is good. The model is
+  updated *after* the estimate, so c does not depend on the current samples and the estimate
+  stays unbiased for any ĉ.
+
+Continuous parts of the same space (e.g. a Choice of solver plus an ω) get the forward gradient
+at the deployed (most probable) discrete value: f(k*, θ_c + εv) − f(k*, θ_c) along Rademacher
+tangents v on the continuous coordinates only.
+
+A failed solve (CG on a nonsymmetric matrix, a stalled GMRES) is data here, not a gap: it is
+charged the worst cost seen for the same task in the same step plus `failure_margin` (one decade
+for a log10 cost), so the policy learns to avoid it. Dropping it, as the continuous estimators
+do, would make a broken configuration look free. The charge depends on the step's other samples,
+a small bias that only ever pushes away from configurations that fail.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from metasolve.params import Space
+from metasolve.surrogate import Standardize
+
+
+class CostModel:
+    """ĉ(features) → predicted cost of every joint discrete value, fitted on a replay buffer.
+
+    An MLP with one output per joint value, trained by least squares on the observed
+    (features, k, cost) triples only (the other outputs of a row get no loss). The buffer keeps
+    the most recent `capacity` observations; each estimate adds its solves and takes `steps`
+    Adam steps on minibatches drawn from the buffer with the model's own generator, so a
+    resumed run draws the same minibatches.
+    """
+
+    def __init__(self, feature_dim: int, n_values: int, hidden: int = 32, lr: float = 1e-2, steps: int = 20,
+                 batch: int = 64, capacity: int = 4096, seed: int = 0, inputs: torch.Tensor | None = None) -> None:
+        layers: list[nn.Module] = [] if inputs is None else [Standardize(inputs)]
+        with torch.random.fork_rng():  # the model's initial weights must not move the caller's RNG
+            torch.manual_seed(seed)
+            layers += [nn.Linear(feature_dim, hidden), nn.Tanh(), nn.Linear(hidden, n_values)]
+        self.net = nn.Sequential(*layers).double()
+        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=lr)
+        self.steps, self.batch, self.capacity = int(steps), int(batch), int(capacity)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.features = torch.zeros(0, feature_dim, dtype=torch.float64)
+        self.indices = torch.zeros(0, dtype=torch.long)
+        self.costs = torch.zeros(0, dtype=torch.float64)
+        self.last_loss = math.nan
+
+    def predict(self, features: torch.Tensor) -> torch.Tensor:
+        """[B, n_values] predicted costs."""
+        return self.net(features.to(torch.float64))
+
+    def add(self, features: torch.Tensor, indices: torch.Tensor, costs: torch.Tensor) -> None:
+        self.features = torch.cat([self.features, features])[-self.capacity:]
+        self.indices = torch.cat([self.indices, indices])[-self.capacity:]
+        self.costs = torch.cat([self.costs, costs])[-self.capacity:]
+
+    def fit(self) -> None:
+        n = self.costs.shape[0]
+        if n == 0:
+            return
+        for _ in range(self.steps):
+            rows = torch.randint(0, n, (min(self.batch, n),), generator=self.generator)
+            with torch.enable_grad():
+                predicted = self.predict(self.features[rows]).gather(1, self.indices[rows, None])[:, 0]
+                loss = torch.mean((predicted - self.costs[rows]) ** 2)
+                self.optimizer.zero_grad()
+                loss.backward()
+                self.optimizer.step()
+            self.last_loss = float(loss.detach())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"net": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "generator": self.generator.get_state(), "features": self.features, "indices": self.indices,
+                "costs": self.costs}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.net.load_state_dict(state["net"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.features, self.indices, self.costs = state["features"], state["indices"], state["costs"]
+
+
+class ScoreFunction:
+    """∇_θ E_{k~p_θ}[f(k)] for the discrete parts of `space` (see the module docstring).
+
+    `samples` policy samples per task (S); `cost_model` turns the baseline into a learned control
+    variate (then S = 1 is enough), otherwise S ≥ 2 and the leave-one-out baseline is used;
+    `tangents`/`eps` are the forward gradient for the space's continuous parts, if any;
+    a failed solve costs the task's worst observed cost plus `failure_margin`.
+    """
+
+    def __init__(self, space: Space, samples: int = 2, cost_model: CostModel | None = None,
+                 failure_margin: float = 1.0, tangents: int = 1, eps: float = 1e-3) -> None:
+        self.discrete = space.discrete_parts()
+        if not self.discrete:
+            raise ValueError(f"ScoreFunction needs a space with a Choice or Integer part, got {space!r}")
+        if samples < 1 or (cost_model is None and samples < 2):
+            raise ValueError(f"ScoreFunction needs samples >= 2 without a cost model (leave-one-out baseline), "
+                             f">= 1 with one; got {samples}")
+        if not (math.isfinite(eps) and eps > 0) or tangents < 1:
+            raise ValueError(f"ScoreFunction needs tangents >= 1 and a positive finite eps, got {tangents}, {eps}")
+        self.space, self.samples, self.cost_model = space, int(samples), cost_model
+        if not (math.isfinite(failure_margin) and failure_margin >= 0):
+            raise ValueError(f"failure_margin must be finite and >= 0, got {failure_margin}")
+        self.failure_margin, self.tangents, self.eps = float(failure_margin), int(tangents), float(eps)
+        self.sizes = [part.n_values for part in self.discrete.values()]
+        self.n_joint = math.prod(self.sizes)
+        if cost_model is not None and cost_model.net[-1].out_features != self.n_joint:
+            raise ValueError(f"the cost model predicts {cost_model.net[-1].out_features} values, "
+                             f"the space has {self.n_joint} joint discrete values")
+        mask = torch.ones(space.dim, dtype=torch.bool)
+        for name in self.discrete:
+            mask[space.slices[name]] = False
+        self.continuous = mask
+
+    # -- the policy ---------------------------------------------------------------------------
+    def log_policy(self, theta: torch.Tensor) -> torch.Tensor:
+        """log p_θ(k) over all joint values (mixed radix, first part slowest): [..., n_joint] for θ
+        of shape [..., d], differentiable."""
+        total = theta.new_zeros(theta.shape[:-1] + (1,))
+        for name, part in self.discrete.items():
+            log_p = part.log_probs(theta[..., self.space.slices[name]])
+            total = (total[..., :, None] + log_p[..., None, :]).flatten(-2)
+        return total
+
+    def _joint_index(self, point: torch.Tensor) -> int:
+        index = 0
+        for (name, part), size in zip(self.discrete.items(), self.sizes):
+            raw = point[self.space.slices[name]]
+            index = index * size + part.index(part.decode_tensor(raw))
+        return index
+
+    def _force(self, theta_row: torch.Tensor, joint: int) -> torch.Tensor:
+        point = theta_row.clone()
+        digits = []
+        for size in reversed(self.sizes):
+            joint, digit = divmod(joint, size)
+            digits.append(digit)
+        for (name, part), digit in zip(self.discrete.items(), reversed(digits)):
+            point[self.space.slices[name]] = part.force(digit)
+        return point
+
+    # -- the estimator protocol ---------------------------------------------------------------
+    def queries(self, theta: torch.Tensor, generator: torch.Generator, tasks: Sequence[Any] | None = None) -> torch.Tensor:
+        """S policy samples per task, then (if the space has continuous parts) K forward-difference
+        points at the deployed discrete value."""
+        rows = []
+        drawn = torch.multinomial(torch.exp(self.log_policy(theta.detach())), self.samples, replacement=True,
+                                  generator=generator)
+        for row, draws in zip(theta, drawn):
+            points = [self._force(row, int(k)) for k in draws]
+            if self.continuous.any():
+                signs = torch.randint(0, 2, (self.tangents, row.shape[0]), generator=generator).to(torch.float64) * 2 - 1
+                points += [row + self.eps * torch.where(self.continuous, v, torch.zeros_like(v)) for v in signs]
+            rows.append(torch.stack(points))
+        return torch.stack(rows)
+
+    def _charged(self, values: torch.Tensor) -> torch.Tensor:
+        """Failed solves charged the row's worst finite cost plus the margin (NaN if none is finite)."""
+        finite = torch.isfinite(values)
+        worst = torch.where(finite, values, torch.full_like(values, -math.inf)).amax(dim=1, keepdim=True)
+        charge = torch.where(torch.isfinite(worst), worst + self.failure_margin, torch.full_like(worst, math.nan))
+        return torch.where(finite, values, charge.expand_as(values))
+
+    def gradient(self, theta: torch.Tensor, points: torch.Tensor, values: torch.Tensor,
+                 upstream: torch.Tensor, tasks: Sequence[Any]) -> torch.Tensor:
+        values = self._charged(values)
+        sampled = values[:, 1:1 + self.samples]
+        joints = torch.tensor([[self._joint_index(p) for p in task_points[:self.samples]] for task_points in points])
+        features = torch.stack([t.features for t in tasks]).to(torch.float64) if self.cost_model is not None else None
+        predicted = self.cost_model.predict(features).detach() if self.cost_model is not None else None
+        usable = torch.isfinite(sampled).all(1)  # every sample failed: the task gives no gradient this step
+        sampled = torch.where(usable[:, None], sampled, torch.zeros_like(sampled))
+        with torch.enable_grad():
+            leaf = theta.detach().requires_grad_(True)
+            log_p = self.log_policy(leaf)
+            sampled_log_p = log_p.gather(1, joints)
+            if predicted is None:
+                others = (sampled.sum(1, keepdim=True) - sampled) / (self.samples - 1)
+                per_task = ((sampled - others) * sampled_log_p).mean(1)
+            else:
+                exact = (torch.exp(log_p) * predicted).sum(1)
+                per_task = exact + ((sampled - predicted.gather(1, joints)) * sampled_log_p).mean(1)
+            (grad,) = torch.autograd.grad((per_task * usable).sum(), leaf)
+        if self.continuous.any():
+            grad = grad + torch.stack([self._continuous_gradient(row, points[b, self.samples:], values[b])
+                                       for b, row in enumerate(theta)])
+        estimate = upstream[:, None] * grad
+        if self.cost_model is not None:
+            centre_joints = torch.tensor([self._joint_index(row) for row in theta])
+            seen = torch.cat([values[:, 1:1 + self.samples].reshape(-1), values[:, 0]])
+            known = torch.isfinite(seen)
+            self.cost_model.add(torch.cat([features.repeat_interleave(self.samples, 0), features])[known],
+                                torch.cat([joints.reshape(-1), centre_joints])[known], seen[known])
+            self.cost_model.fit()
+        return estimate
+
+    def _continuous_gradient(self, row: torch.Tensor, points: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """(1/K) Σ_j (f(θ + εv_j) − f(θ))/ε · v_j on the continuous coordinates."""
+        tangents = (points - row[None, :]) / self.eps
+        tangents = torch.where(self.continuous, torch.sign(tangents), torch.zeros_like(tangents))
+        derivatives = (values[1 + self.samples:] - values[0]) / self.eps
+        return (derivatives[:, None] * tangents).mean(0)
+
+    @property
+    def last_metrics(self) -> dict[str, float]:
+        return {} if self.cost_model is None else {"cost_model_loss": self.cost_model.last_loss}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self.cost_model is None else {"cost_model": self.cost_model.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.cost_model is not None:
+            self.cost_model.load_state_dict(state["cost_model"])
+
+    def __repr__(self) -> str:
+        model = "cost model" if self.cost_model is not None else "leave-one-out baseline"
+        return f"ScoreFunction(samples={self.samples}, {model}, discrete={list(self.discrete)})"
+
+
+__all__ = ["CostModel", "ScoreFunction"]
