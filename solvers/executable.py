@@ -47,8 +47,8 @@ from solvers.linear_system import LinearSystem
 from solvers.monitor_parser import LinearSolve, NonlinearSolve, RunReport, Solve, UnreadableOutput, parse_run_output
 from solvers.options import command_line, option_name, split_setting
 from solvers.outcome import Outcome
-from solvers.process_tree import (MARKER, Interrupted, deliver, kill_tree, new_marker, signals_blocked,
-                                  stop_on_signals)
+from solvers.process_tree import (MARKER, Interrupted, deliver, kill_tree, new_marker, signals_blocked, start_ticks,
+                                  stop_on_signals, wait)
 from solvers.program_task import ProgramTask
 
 TaskArgs = Callable[[Any, str], list[str]]
@@ -258,14 +258,12 @@ class ExecutableOracle:
                                            env={**child_environment(), MARKER: marker}, start_new_session=True)
             except OSError as error:
                 return Outcome.failure(f"cannot start {argv[0]!r}: {error}")
-        timed_out = False
+        since = start_ticks(process.pid)
         try:
-            process.wait(timeout=self.timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
+            timed_out = not wait(process, self.timeout)
         finally:
             seconds = time.perf_counter() - start
-            kill_tree(process, marker)  # also whatever the program left running behind it
+            kill_tree(process, marker, since)  # also whatever the program left running behind it
         name = os.path.basename(self.command[0])
         if timed_out:
             return Outcome.failure(f"{name} timed out after {self.timeout:g} s and was killed; "

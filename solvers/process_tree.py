@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import select
 import signal
 import subprocess
 import threading
@@ -46,8 +47,8 @@ def new_marker() -> str:
     return f"{os.getpid()}-{next(_counter)}-{os.urandom(4).hex()}"
 
 
-def _processes() -> Iterator[tuple[int, int]]:
-    """(pid, parent pid) of every process visible in /proc."""
+def _processes() -> Iterator[tuple[int, int, int]]:
+    """(pid, parent pid, start time in clock ticks since boot) of every live process in /proc."""
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
@@ -56,7 +57,16 @@ def _processes() -> Iterator[tuple[int, int]]:
             except OSError:
                 continue
             if fields[0] != b"Z":
-                yield int(entry), int(fields[1])
+                yield int(entry), int(fields[1]), int(fields[19])
+
+
+def start_ticks(pid: int) -> int:
+    """When `pid` started (clock ticks since boot); 0 if unknown. Its descendants started later."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return int(stat.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return 0
 
 
 def _carries(pid: int, needle: bytes) -> bool:
@@ -67,15 +77,17 @@ def _carries(pid: int, needle: bytes) -> bool:
         return False
 
 
-def tree(root: int | None, marker: str) -> set[int]:
-    """Live processes descended from `root` or carrying `MARKER=marker` (never this process)."""
+def tree(root: int | None, marker: str, since: int = 0) -> set[int]:
+    """Live processes descended from `root` or carrying `MARKER=marker` (never this process).
+    Only processes started at or after tick `since` (the program's start) can carry the marker,
+    so only their environments are read."""
     table = list(_processes())
     needle = f"{MARKER}={marker}".encode()
-    members = {pid for pid, _ in table if _carries(pid, needle)}
+    members = {pid for pid, _, started in table if started >= since and _carries(pid, needle)}
     if root is not None:
         members.add(root)
     children: dict[int, list[int]] = {}
-    for pid, parent in table:
+    for pid, parent, _ in table:
         children.setdefault(parent, []).append(pid)
     stack = list(members)
     while stack:
@@ -83,11 +95,11 @@ def tree(root: int | None, marker: str) -> set[int]:
             if child not in members:
                 members.add(child)
                 stack.append(child)
-    live = {pid for pid, _ in table}
+    live = {pid for pid, _, _ in table}
     return (members & live) - {os.getpid()}
 
 
-def kill_tree(process: subprocess.Popen, marker: str) -> None:
+def kill_tree(process: subprocess.Popen, marker: str, since: int = 0) -> None:
     """SIGKILL the program's process group and every process of its tree, then reap the program.
 
     Repeated until a scan finds nothing, since a process may fork between a scan and its kill.
@@ -101,7 +113,7 @@ def kill_tree(process: subprocess.Popen, marker: str) -> None:
             except (ProcessLookupError, PermissionError):
                 pass
         for _ in range(_KILL_ROUNDS):
-            members = tree(process.pid if process.poll() is None else None, marker)
+            members = tree(process.pid if process.poll() is None else None, marker, since)
             if not members:
                 break
             for pid in members:
@@ -111,6 +123,26 @@ def kill_tree(process: subprocess.Popen, marker: str) -> None:
                     pass
             time.sleep(_KILL_PAUSE)  # SIGKILL is asynchronous: let the kernel finish before rescanning
         process.wait()
+
+
+def wait(process: subprocess.Popen, timeout: float | None) -> bool:
+    """Wait for the program to exit; False if `timeout` seconds passed first. A pidfd wakes us the
+    moment it exits (Popen.wait with a timeout polls, with up to 50 ms of latency per run)."""
+    try:
+        descriptor = os.pidfd_open(process.pid)
+    except (AttributeError, OSError):
+        try:
+            process.wait(timeout=timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+    try:
+        ready, _, _ = select.select([descriptor], [], [], timeout)
+    finally:
+        os.close(descriptor)
+    if ready:
+        process.wait()
+    return bool(ready)
 
 
 @contextmanager

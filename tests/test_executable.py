@@ -486,26 +486,35 @@ STUBBORN_PROGRAM = (
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signal_during_a_run_leaves_no_process_and_no_files(tmp_path, signum):
+    """A forked copy of this test process (no second interpreter start-up) runs the oracle and is
+    signalled mid-run: SIGTERM ends it by SIGTERM (the default action, after cleanup), SIGINT as
+    KeyboardInterrupt; either way the program's whole tree is gone and so is its directory."""
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     stem = tmp_path / "pids"
-    script = tmp_path / "train_like.py"
-    script.write_text(textwrap.dedent(f"""
-        from solvers.executable import ExecutableOracle
-        oracle = ExecutableOracle(["sh", "-c", {STUBBORN_PROGRAM!r}, {str(stem)!r}],
-                                  task_args=lambda task, directory: open(directory + "/A.bin", "w").close() or [],
-                                  timeout=None)
-        oracle({{}})
-    """))
-    env = {**child_environment(), "PYTHONPATH": str(REPO), "TMPDIR": str(scratch)}
-    python = subprocess.Popen([sys.executable, str(script)], env=env, cwd=str(REPO),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    oracle = ExecutableOracle(["sh", "-c", STUBBORN_PROGRAM, str(stem)], timeout=None,
+                              task_args=lambda task, directory: open(f"{directory}/A.bin", "w").close() or [])
+    child = os.fork()
+    if child == 0:  # pragma: no cover (runs in the forked process)
+        status = 3
+        try:
+            tempfile.tempdir = str(scratch)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            oracle({})
+        except KeyboardInterrupt:
+            status = 130
+        finally:
+            os._exit(status)
     _wait_for(Path(f"{stem}.ready"))
     leftovers = [int(Path(f"{stem}.{kind}").read_text()) for kind in ("setsid", "orphan")]
     assert all(alive(pid) for pid in leftovers)
-    python.send_signal(signum)
-    _, stderr = python.communicate(timeout=30)
-    assert python.returncode == -signum, stderr.decode()  # ended by the signal, as a scheduler expects
+    os.kill(child, signum)
+    _, status = os.waitpid(child, 0)
+    if signum == signal.SIGTERM:
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM  # what a scheduler expects
+    else:
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 130
     assert not any(alive(pid) for pid in leftovers)
     assert list(scratch.iterdir()) == []
 
@@ -547,12 +556,13 @@ def test_no_timeout():
 
 # ---------------------------------------------------------------- delivering learned settings
 
-def test_predict_writes_an_options_file_the_unmodified_program_reads(heat_stepper, tmp_path):
+def test_predict_writes_an_options_file_the_unmodified_program_reads(heat_stepper, tmp_path, monkeypatch):
     """train (here: a fixed network) -> `metasolve predict` -> the program run with -options_file:
     PETSc reads every line, and the run is exactly the oracle's run with the predicted omega."""
     import torch
 
     from metasolve import Interval, MetaSolver, Space
+    from metasolve.cli import main
     from metasolve.predict import Delivery, save_for_program
 
     meta = MetaSolver(3, Space({"pc_sor_omega": Interval(1.0, 1.95)}), depth=0)
@@ -561,11 +571,12 @@ def test_predict_writes_an_options_file_the_unmodified_program_reads(heat_steppe
     model = tmp_path / "model.pt"
     save_for_program(model, meta, Delivery(HEAT_FEATURES, prefix="heat_"))
     task = heat_task(kappa=3.0)
-    result = subprocess.run([str(Path(sys.executable).parent / "metasolve"), "predict", str(model),
-                             "--out", str(tmp_path / "job"), "--", *task.argv()],
-                            capture_output=True, text=True, env={**child_environment(), "PYTHONPATH": str(REPO)},
-                            timeout=120)
-    assert result.returncode == 0, result.stderr
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # main() installs its MPI-abort hook
+    try:
+        assert main(["predict", str(model), "--out", str(tmp_path / "job"), "--", *task.argv()]) == 0
+    finally:
+        torch.set_num_threads(threads)
     options_file = tmp_path / "job" / "metasolve.opts"
     omega = meta.predict(task)["pc_sor_omega"]
     assert 1.5 < omega < 1.95 and f"-heat_pc_sor_omega {omega!r}" in options_file.read_text()
