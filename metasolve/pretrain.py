@@ -152,7 +152,9 @@ def _fit_network(meta_solver: nn.Module, features: torch.Tensor, T: torch.Tensor
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
         theta = meta_solver(features)
-        loss = weight * ((theta[:, columns] - T).pow(2).mean() + (theta[:, others] - held[:, others]).pow(2).mean())
+        loss = weight * (theta[:, columns] - T).pow(2).mean()
+        if others.any():
+            loss = loss + weight * (theta[:, others] - held[:, others]).pow(2).mean()
         loss.backward()
         return loss
 
