@@ -155,15 +155,17 @@ class KSPOracle:
         if operators is not None:
             trial.setOperators(*operators)
         user_view = _view(user, prefix)
+        user_set_up = operators is not None and not any(
+            text in user_view for text in ("PC has not been set up", "type not yet set"))
         with prefixed_options(self.prefix, self.options):
             try:
                 trial.setFromOptions()
-                if "PC has not been set up" in user_view or operators is None:
+                if not user_set_up:
                     trial_view = _view(trial, self.prefix)  # compared at the user's stage
                 if operators is not None:
                     trial.setUp()  # options read only at setup (sub_*, factor levels) are read now
                     trial.setUpOnBlocks()  # block preconditioners set up their blocks in KSPSolve
-                    if "PC has not been set up" not in user_view:
+                    if user_set_up:
                         trial_view = _view(trial, self.prefix)
                 unread = unused_options(self.prefix, list(self.options)) if operators is not None else []
             finally:
@@ -176,8 +178,8 @@ class KSPOracle:
         if operators is None:
             problems.append("the KSP has no operators yet, so options read only at setup (sub_, mg_levels_, ...) "
                             "could not be checked: call setOperators before from_ksp")
-        elif not explicit & {"ksp_type", "pc_type", "rtol", "atol", "divtol", "max_it", "options", "norm_type",
-                             "pc_side"}:
+        elif "type not yet set" not in user_view and not explicit & {
+                "ksp_type", "pc_type", "rtol", "atol", "divtol", "max_it", "options", "norm_type", "pc_side"}:
             difference = [line for line in difflib.unified_diff(user_view.splitlines(), trial_view.splitlines(),
                                                                  "your KSP", "copy", n=0, lineterm="")
                           if line[:1] in "+-" and not line.startswith(("---", "+++"))]

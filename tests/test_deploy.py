@@ -54,6 +54,9 @@ def test_a_deployed_option_solves_as_in_training_with_the_convergence_test_kept(
     expected = oracle()(task, {"pc_sor_omega": 1.7})
     assert deployed == expected.iterations < MAX_IT
     assert expected.iterations != oracle()(task).iterations  # ω mattered
+    with applied(ksp, {"pc_sor_omega": 1.7}):
+        assert solve(ksp, task) == deployed
+    assert len(ksp.getMonitor()) == 1  # attached once, however often a setting is applied
 
 
 def test_the_options_database_is_left_exactly_as_found():

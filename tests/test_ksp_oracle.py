@@ -277,3 +277,18 @@ def test_outcome_counts_petsc_flops_of_setup_and_solve():
     assert outcome.setup_flops >= 0
     ilu = KSPOracle(ksp_type="gmres", pc_type="ilu", options={"pc_factor_levels": 2})(task)
     assert ilu.setup_flops > 0  # the factorization
+
+
+def test_from_ksp_names_a_dm_and_a_null_space(caplog):
+    task = diffusion_20()
+    A = task.petsc(PETSc.COMM_SELF)[0].copy()
+    A.setNearNullSpace(PETSc.NullSpace().create(constant=True, comm=PETSc.COMM_SELF))
+    user = PETSc.KSP().create(comm=PETSc.COMM_SELF)
+    user.setDM(PETSc.DMDA().create([20, 20], comm=PETSc.COMM_SELF))
+    user.setDMActive(PETSc.KSP.DMActive.ALL, False)
+    user.setOperators(A)
+    user.setType("cg")
+    with caplog.at_level("WARNING", logger="solvers.ksp"):
+        KSPOracle.from_ksp(user)
+    assert "a DM is attached" in caplog.text and "null space" in caplog.text
+    assert "KSPView differs" not in caplog.text  # a PC type left to PETSc's default is copied as such
