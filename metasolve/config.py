@@ -38,10 +38,10 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
                   "coefficient": ((str, int, float), "scalar"), "decay": (_NUMBER, 0.95),
                   "allocation": (str, "equal"), "alpha": (_NUMBER, 0.5), "memory": (int, 1),
                   "failures": (str, "drop")},
-    "surrogate": {"hidden": (int, 64), "depth": (int, 2), "lr": (_NUMBER, 1e-3), "steps": (int, 1),
+    "surrogate": {"kind": (str, "mlp"), "hidden": (int, 64), "depth": (int, 2), "lr": (_NUMBER, 1e-3), "steps": (int, 1),
                   "value_weight": (_NUMBER, 1.0), "jvp_weight": (_NUMBER, 1.0), "buffer": (int, 4096),
                   "batch_size": (int, 128)},
-    "model": {"hidden": (int, 64), "depth": (int, 2), "normalize": (bool, True)},
+    "model": {"kind": (str, "mlp"), "hidden": (int, 64), "depth": (int, 2), "normalize": (bool, True)},
     "train": {"steps": (int, 100), "batch_size": (int, 8), "lr": (_NUMBER, 1e-3), "schedule": (str, "constant"),
               "seed": (int, 0),
               "checkpoint_every": (int, 10), "eval_every": (int, 0), "out": (str, "runs/metasolve"),
@@ -55,6 +55,7 @@ SPACE_PART_SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
                "decay": (_NUMBER, 0.0)},
     "interval": {"kind": (str, REQUIRED), "lo": (_NUMBER, REQUIRED), "hi": (_NUMBER, REQUIRED)},
     "log_interval": {"kind": (str, REQUIRED), "lo": (_NUMBER, REQUIRED), "hi": (_NUMBER, REQUIRED)},
+    "parameters": {"kind": (str, REQUIRED)},  # a calibrated model's own parameters, as many as the family's model has
 }
 
 

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from metasolve.blackbox import BlackBox
+from metasolve.calibration import LogError, RelativeError, SharedParameters
 from metasolve.cost import IterationProxy, Iterations, LogResidual
 from metasolve.estimators import SPSA, ControlVariate, FiniteDifference, ForwardGradient
 from metasolve.meta_solver import MetaSolver
@@ -27,13 +28,18 @@ class Experiment:
     evaluation_cost: Iterations
 
 
-def build_space(config: dict, example_task: Any) -> Space:
+def build_space(config: dict, example_task: Any, family: Any = None) -> Space:
     parts = {}
     for name, part in config["space"].items():
         if part["kind"] == "vector":
             shape = getattr(example_task, "grid_shape", None) or example_task.size
             parts[name] = Vector(shape, basis=part["basis"], modes=part["modes"], scale=part["scale"],
                                  decay=part["decay"])
+        elif part["kind"] == "parameters":
+            if not hasattr(family, "parameter_count"):
+                raise ValueError(f"space.{name}.kind = 'parameters': problem family "
+                                 f"{config['problem']['family']!r} has no model parameters to calibrate")
+            parts[name] = Vector(family.parameter_count, basis="identity")
         elif part["kind"] == "interval":
             parts[name] = Interval(part["lo"], part["hi"])
         else:
@@ -47,11 +53,17 @@ def build_cost(config: dict) -> Any:
         return LogResidual(cost["iterations"])
     if cost["kind"] == "iteration_proxy":
         return IterationProxy(cost["rtol"], max_it=cost["max_it"], sharpness=cost["sharpness"])
-    raise ValueError(f"cost.kind must be 'log_residual' or 'iteration_proxy', got {cost['kind']!r}")
+    if cost["kind"] == "log_error":
+        return LogError()
+    raise ValueError(f"cost.kind must be 'log_residual', 'iteration_proxy' or 'log_error', got {cost['kind']!r}")
 
 
-def build_oracle(config: dict, executor: Any) -> Any:
+def build_oracle(config: dict, executor: Any, family: Any = None) -> Any:
     solver = config["solver"]
+    if solver["kind"] == "family":
+        if not hasattr(family, "oracle"):
+            raise ValueError(f"solver.kind = 'family': problem family {config['problem']['family']!r} brings no solver")
+        return family.oracle()
     if solver["kind"] == "ksp":
         from solvers import KSPOracle
 
@@ -64,10 +76,10 @@ def build_oracle(config: dict, executor: Any) -> Any:
         if not solver["command"]:
             raise ValueError("solver.kind = 'executable' needs solver.command")
         return ExecutableOracle(command=solver["command"], timeout=solver["timeout"], options=solver["options"])
-    raise ValueError(f"solver.kind must be 'ksp' or 'executable', got {solver['kind']!r}")
+    raise ValueError(f"solver.kind must be 'ksp', 'executable' or 'family', got {solver['kind']!r}")
 
 
-def build_estimator(config: dict, features: torch.Tensor, theta_dim: int) -> Any:
+def build_estimator(config: dict, features: torch.Tensor, theta_dim: int, family: Any = None) -> Any:
     spec = config["estimator"]
     kind = spec["kind"]
     if kind == "finite_difference":
@@ -81,8 +93,15 @@ def build_estimator(config: dict, features: torch.Tensor, theta_dim: int) -> Any
         return base
     if kind == "control_variate":
         s = config["surrogate"]
-        sample = torch.cat([features, torch.zeros(features.shape[0], theta_dim, dtype=torch.float64)], dim=1)
-        net = Surrogate.mlp(features.shape[1], theta_dim, hidden=s["hidden"], depth=s["depth"], inputs=sample)
+        if s["kind"] == "family":  # the problem's own differentiable model of the cost
+            if not hasattr(family, "surrogate_net"):
+                raise ValueError(f"surrogate.kind = 'family': problem family {config['problem']['family']!r} has none")
+            net = family.surrogate_net()
+        elif s["kind"] != "mlp":
+            raise ValueError(f"surrogate.kind must be 'mlp' or 'family', got {s['kind']!r}")
+        else:
+            sample = torch.cat([features, torch.zeros(features.shape[0], theta_dim, dtype=torch.float64)], dim=1)
+            net = Surrogate.mlp(features.shape[1], theta_dim, hidden=s["hidden"], depth=s["depth"], inputs=sample)
         surrogate = Surrogate(net, lr=s["lr"], value_weight=s["value_weight"], jvp_weight=s["jvp_weight"],
                               steps=s["steps"], buffer=s["buffer"], batch_size=s["batch_size"],
                               seed=config["train"]["seed"])
@@ -107,13 +126,18 @@ def build_experiment(config: dict, executor: Any) -> Experiment:
     family = make_family(problem["family"], seed=problem["seed"], **problem["params"])
     train_tasks = family.train_tasks(problem["train_tasks"])
     eval_tasks = family.eval_tasks(problem["eval_tasks"])
-    space = build_space(config, train_tasks[0])
+    space = build_space(config, train_tasks[0], family)
     feature_dim = train_tasks[0].features.shape[0]
-    meta_solver = MetaSolver(feature_dim, space, hidden=config["model"]["hidden"], depth=config["model"]["depth"])
-    if config["model"]["normalize"]:
-        meta_solver.fit_normalizer(train_tasks)
-    estimator = build_estimator(config, torch.stack([t.features for t in train_tasks]), space.dim)
-    blackbox = BlackBox(build_oracle(config, executor), space, build_cost(config), estimator,
+    if config["model"]["kind"] not in ("mlp", "shared"):
+        raise ValueError(f"model.kind must be 'mlp' (θ per task) or 'shared' (one θ), got {config['model']['kind']!r}")
+    if config["model"]["kind"] == "shared":  # a calibration: one θ for every task
+        meta_solver = SharedParameters(space, getattr(family, "initial_parameters", lambda: None)())
+    else:
+        meta_solver = MetaSolver(feature_dim, space, hidden=config["model"]["hidden"], depth=config["model"]["depth"])
+        if config["model"]["normalize"]:
+            meta_solver.fit_normalizer(train_tasks)
+    estimator = build_estimator(config, torch.stack([t.features for t in train_tasks]), space.dim, family)
+    blackbox = BlackBox(build_oracle(config, executor, family), space, build_cost(config), estimator,
                         executor=executor, seed=train["seed"], failures=config["estimator"]["failures"])
     optimizer = torch.optim.Adam(meta_solver.parameters(), lr=train["lr"])
     reference = None
@@ -123,5 +147,6 @@ def build_experiment(config: dict, executor: Any) -> Experiment:
     trainer = Trainer(meta_solver, blackbox, optimizer, executor=executor, checkpoint_every=train["checkpoint_every"],
                       seed=train["seed"], scheduler=build_schedule(train, optimizer), reference=reference,
                       reference_every=train["reference_every"])
-    evaluation = Iterations(config["evaluate"]["rtol"], config["evaluate"]["max_it"])
+    evaluation = RelativeError() if config["cost"]["kind"] == "log_error" else \
+        Iterations(config["evaluate"]["rtol"], config["evaluate"]["max_it"])
     return Experiment(config, family, train_tasks, eval_tasks, meta_solver, blackbox, trainer, evaluation)

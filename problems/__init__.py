@@ -8,6 +8,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+from problems.channel import ChannelFamily
 from problems.convdiff import ConvDiff
 from problems.diffusion import Diffusion
 from problems.family import EVAL_OFFSET, Family, Task
@@ -18,6 +19,7 @@ FAMILIES: dict[str, type[Family]] = {
     "poisson2d": Poisson2D,
     "diffusion": Diffusion,
     "convdiff": ConvDiff,
+    "channel": ChannelFamily,
 }
 
 
@@ -34,5 +36,5 @@ def make_family(name: str, **params: Any) -> Family:
     return family(**params)
 
 
-__all__ = ["EVAL_OFFSET", "FAMILIES", "ConvDiff", "Diffusion", "Family", "Poisson1D", "Poisson2D", "Task",
+__all__ = ["EVAL_OFFSET", "FAMILIES", "ChannelFamily", "ConvDiff", "Diffusion", "Family", "Poisson1D", "Poisson2D", "Task",
            "make_family"]

@@ -15,10 +15,11 @@ u_τ* = Re_τ = V√g. Wall-resolved: a stretched grid whose first cell sits bel
 U*(0) = 0. Wall-modelled: a uniform coarse grid whose wall flux is the wall model's shear stress,
 evaluated from the first cell centre's Re_y = U₁y₁/ν and y₁/h.
 
-Also here: the training tasks (`ChannelTask`: Re_b and a coarse grid, with its cached
-wall-resolved reference), the cost (`FrictionError`, the squared relative u_τ error) and two
-differentiable surrogates of that cost for the control variate (`LinearisedLoss`, `APrioriLoss`),
-plus the DNS profiles of problems/data for validation.
+Also here: the wall-modelled tasks (`ChannelTask`: Re_b, a coarse grid and the Re_τ the solve
+should reproduce), where their targets come from (DNS, the log friction law fitted to DNS, or the
+wall-resolved solve) and `ChannelFamily`, which builds them for `metasolve train`. The cost and
+the control variate's surrogate live in metasolve/calibration.py; the validation tables in
+problems/wall_model_validation.py.
 """
 from __future__ import annotations
 
@@ -32,9 +33,9 @@ from typing import Any
 import numpy as np
 import scipy.optimize
 import torch
-from torch import nn
 
-from problems.wall_laws import LearnedWallModel, Spalding, WallModel
+from problems.family import EVAL_OFFSET, Family, check_count
+from problems.wall_laws import LearnedWallModel, Reichardt, WallModel
 from solvers.outcome import Outcome
 from solvers.snes import SNESOracle
 
@@ -113,6 +114,21 @@ class Grid:
         faces[0], faces[-1] = 0.0, 1.0
         return cls(faces)
 
+    @classmethod
+    def named(cls, name: str) -> "Grid":
+        """"u16": 16 uniform cells; "s16": 16 stretched cells whose first is half as high as the
+        uniform grid's (1/32), the kind of wall-refined grid a wall-modelled LES uses."""
+        kind, cells = name[:1], name[1:]
+        if kind not in ("u", "s") or not cells.isdigit() or int(cells) < 2:
+            raise ValueError(f"grid name {name!r}: use 'u<cells>' (uniform) or 's<cells>' (stretched), cells >= 2")
+        n = int(cells)
+        return cls.uniform(n) if kind == "u" else cls.stretched(n, 0.5 / n)
+
+    @property
+    def growth(self) -> float:
+        """Δ₂/Δ₁, how the grid grows away from the wall (1 on a uniform grid)."""
+        return float(self.widths[1] / self.widths[0])
+
 
 def momentum_residual(grid: Grid, w: np.ndarray, scale: float, wall_flux: np.ndarray) -> np.ndarray:
     """Cell balances (flux_top − flux_bottom)/Δη + g, for states `w` of shape [..., cells + 1].
@@ -160,16 +176,10 @@ class Driving:
         return w[..., -1] - (self.re_tau / self.scale) ** 2
 
 
-def reichardt_u_plus(y_plus: np.ndarray, kappa: float = 0.41) -> np.ndarray:
-    """Reichardt's wall law, smooth from the wall to the log layer: a first guess only."""
-    return (np.log1p(kappa * y_plus) / kappa
-            + 7.8 * (1.0 - np.exp(-y_plus / 11.0) - y_plus / 11.0 * np.exp(-y_plus / 3.0)))
-
-
 def first_guess(grid: Grid, driving: Driving) -> np.ndarray:
     """Reichardt's profile at Dean's Re_τ, rescaled to the flow rate: Newton's starting point."""
     re_tau = driving.estimated_re_tau
-    u = re_tau * reichardt_u_plus(grid.centres * re_tau) / driving.scale
+    u = re_tau * Reichardt().u_plus_of_y_plus(grid.centres * re_tau) / driving.scale
     if driving.re_b is not None:
         u = u / (u @ grid.widths)
     return np.append(u, (re_tau / driving.scale) ** 2)
@@ -216,6 +226,11 @@ class DNSProfile:
     u_plus: np.ndarray
 
     @property
+    def nominal(self) -> int:
+        """The case's nominal Re_τ (180, 550, 2000), as the files and tables name it."""
+        return int(self.name.rsplit("Re", 1)[1])
+
+    @property
     def re_tau(self) -> float:
         """y⁺ at the centreline (y/h = 1)."""
         return float(self.y_plus[-1] / self.y_over_h[-1])
@@ -242,6 +257,14 @@ def dns_profiles(directory: Path | None = None) -> list[DNSProfile]:
         table = np.loadtxt(directory / filename, delimiter=",", comments="#", skiprows=3)
         profiles.append(DNSProfile(Path(filename).stem, table[:, 0], table[:, 1], table[:, 2]))
     return profiles
+
+
+def dns_case(nominal: int) -> DNSProfile:
+    """The DNS profile with this nominal Re_τ (180, 550 or 2000)."""
+    cases = {profile.nominal: profile for profile in dns_profiles()}
+    if nominal not in cases:
+        raise ValueError(f"no DNS case with nominal Re_tau {nominal!r}: the data has {sorted(cases)}")
+    return cases[nominal]
 
 
 @dataclass(frozen=True)
@@ -287,70 +310,100 @@ def _reference(re_b: float, cells: int) -> Profile:
     return wall_resolved(re_b=re_b, cells=cells)
 
 
+
+
+@dataclass(frozen=True)
+class FrictionLaw:
+    """The log friction law U_b⁺ = ln(Re_τ)/κ + C, fitted to DNS cases (least squares in U_b⁺).
+
+    It follows from the log law integrated over the channel, so its two constants carry the
+    measured Reynolds-number dependence between and beyond the cases it was fitted to: from any
+    two of the three DNS cases it predicts the third's Re_b at its Re_τ within 0.25–0.53%
+    (measured). The wall-resolved RANS does worse as an interpolant: its error against DNS jumps
+    from −0.6% at Re_τ 186 to −2.2% at 547, which no smooth correction fitted to two cases
+    recovers.
+    """
+
+    kappa: float
+    constant: float
+
+    @classmethod
+    def fit(cls, profiles: Sequence[DNSProfile]) -> "FrictionLaw":
+        if len({round(p.re_tau) for p in profiles}) < 2:
+            raise ValueError("the friction law needs DNS cases at two or more Reynolds numbers")
+        log_re_tau = np.array([math.log(p.re_tau) for p in profiles])
+        slope, constant = np.polyfit(log_re_tau, np.array([p.bulk_u_plus for p in profiles]), 1)
+        return cls(1.0 / float(slope), float(constant))
+
+    def re_b(self, re_tau: float) -> float:
+        """Re_b = 2 Re_τ U_b⁺."""
+        return 2.0 * re_tau * (math.log(re_tau) / self.kappa + self.constant)
+
+    def re_tau(self, re_b: float) -> float:
+        """The inverse: Re_b(Re_τ) increases with Re_τ, so a bracketed root is unique."""
+        guess = dean_re_tau(re_b)
+        return float(scipy.optimize.brentq(lambda r: self.re_b(r) - re_b, 0.2 * guess, 5.0 * guess, xtol=1e-12))
+
+
 @dataclass(eq=False)
 class ChannelTask:
-    """One wall-modelled problem: the flow rate Re_b on a uniform grid of `cells` cells.
-
-    `reference` is the wall-resolved solution at the same Re_b (computed on first use and cached
-    per Re_b), its Re_τ the u_τ the wall-modelled solve should reproduce. `features` are what the
-    loss surrogates need: x = the learned model's inputs at the first cell centre, with U₁ read
-    off the reference profile; Spalding's a-priori error there (for `APrioriLoss`); and Spalding's
-    a-posteriori friction error and its sensitivity to the wall model (for `LinearisedLoss`).
-    They are built from the reference solution, so they serve training only: a deployed wall
-    model sees Re_y and y₁/h alone.
+    """One wall-modelled problem: the flow rate Re_b on a named coarse grid ("u8", "s16"), and
+    the Re_τ the solve should reproduce (`target_re_tau`; None means the wall-resolved RANS at
+    the same Re_b, computed on first use and cached). `source` says where the target came from.
     """
 
     re_b: float
-    cells: int
-    fine_cells: int = FINE_CELLS
+    grid_name: str = "u8"
+    target_re_tau: float | None = None
+    source: str = "RANS"
     name: str = ""
 
     def __post_init__(self) -> None:
         self.driving = Driving(re_b=float(self.re_b))
-        self.grid = Grid.uniform(int(self.cells))
+        self.grid = Grid.named(self.grid_name)
+        if self.target_re_tau is not None and not (math.isfinite(self.target_re_tau) and self.target_re_tau > 0):
+            raise ValueError(f"target Re_tau must be positive and finite, got {self.target_re_tau}")
         if not self.name:
-            self.name = f"channel-Reb{self.re_b:.0f}-n{self.cells}"
+            self.name = f"channel-Reb{self.re_b:.0f}-{self.grid_name}-{self.source.replace(' ', '')}"
 
     @property
     def reference(self) -> Profile:
-        return wall_resolved_reference(float(self.re_b), self.fine_cells)
+        """The wall-resolved solution at this Re_b (cached)."""
+        return wall_resolved_reference(float(self.re_b))
 
     @property
-    def u_tau_ref(self) -> float:
-        """Reference friction velocity in units of ν/h, i.e. the wall-resolved Re_τ."""
-        return self.reference.re_tau
+    def target(self) -> float:
+        return self.target_re_tau if self.target_re_tau is not None else self.reference.re_tau
 
     @property
     def first_centre(self) -> float:
         return float(self.grid.centres[0])
 
-    def a_priori_first_cell(self) -> tuple[float, float]:
-        """(Re_y, y₁⁺) at this grid's first cell centre, read off the wall-resolved profile."""
-        reference = self.reference
-        u_plus = np.interp(math.log(self.first_centre), np.log(reference.eta), reference.u_plus)
-        y_plus = self.first_centre * reference.re_tau
-        return float(u_plus * y_plus), float(y_plus)
+    def log_error(self, outcome: Outcome) -> float:
+        """ln Re_τ − ln Re_τ,target of a wall-modelled solve (NaN if it failed)."""
+        if outcome.failed:
+            return math.nan
+        g = float(outcome.solution[-1])
+        if not g > 0:
+            return math.nan
+        return math.log(self.driving.scale) + 0.5 * math.log(g) - math.log(self.target)
 
     @property
     def features(self) -> torch.Tensor:
-        """[x₁, x₂, Spalding's a-priori ln y₁⁺ error, Spalding's ln u_τ error, ∂ ln u_τ/∂c]."""
-        re_y, y_plus = self.a_priori_first_cell()
-        inputs = LearnedWallModel.inputs(np.array(re_y), np.array(self.first_centre))
-        gap = math.log(float(Spalding().y_plus(re_y)) / y_plus)
-        error, sensitivity = spalding_response(float(self.re_b), int(self.cells), self.fine_cells)
-        return torch.tensor([*inputs.tolist(), gap, error, sensitivity], dtype=torch.float64)
-
-
-def channel_tasks(re_tau_targets: Sequence[float], cells: Sequence[int]) -> list[ChannelTask]:
-    """Every (Re_b, grid) pair, Re_b chosen by Dean's correlation to give roughly each Re_τ."""
-    return [ChannelTask(re_b=round(dean_re_b(re_tau)), cells=n) for re_tau in re_tau_targets for n in cells]
+        """[x (the learned model's three inputs at Spalding's solution), e₀, s] for
+        `LinearisedResponse`: Spalding's log error against the target and its sensitivity to a
+        factor e^c on y₁⁺ (`linear_response`). They describe the task for training only; a
+        deployed wall model sees Re_y, y₁/h and the grid's growth at run time, nothing else."""
+        re_y, error, slope = linear_response(float(self.re_b), self.grid_name, float(self.target))
+        x = LearnedWallModel.inputs(np.array(re_y), np.array(self.first_centre), np.array(self.grid.growth))
+        return torch.tensor([*np.asarray(x).tolist(), error, slope], dtype=torch.float64)
 
 
 def wall_stress(model: WallModel, task: ChannelTask, u_first: np.ndarray, theta: np.ndarray | None) -> np.ndarray:
     """τ_w/V² from the wall model at the first cell centre: (y₁⁺/(y₁V))², odd in U₁."""
     scale, y_first = task.driving.scale, task.first_centre
     re_y = np.maximum(scale * np.abs(u_first) * y_first, 1e-12)
-    y_plus = model.y_plus(re_y, y_first, theta)
+    y_plus = model.y_plus(re_y, y_first, theta, task.grid.growth)
     return np.sign(u_first) * (y_plus / (y_first * scale)) ** 2
 
 
@@ -362,11 +415,16 @@ def wall_modelled_residual(model: WallModel, task: ChannelTask, setting: dict, w
 
 
 def _checked_first_guess(model: WallModel, task: ChannelTask, setting: dict) -> np.ndarray:
-    """The first guess, after checking the setting fits the model (bad input → ValueError)."""
+    """The first guess, after checking the setting fits the model (bad input → ValueError).
+
+    A learned model without θ is its base law (θ₀ is exactly that too): the "configured
+    defaults" a trained model is compared with.
+    """
     theta = setting.get(WALL_MODEL_KEY)
     if model.takes_parameters:
-        if theta is None or np.shape(theta) != (model.n_params,):
-            raise ValueError(f"{model!r} needs setting {WALL_MODEL_KEY!r} with {model.n_params} parameters")
+        if theta is not None and np.shape(theta) != (model.n_params,):
+            raise ValueError(f"{model!r} needs setting {WALL_MODEL_KEY!r} with {model.n_params} parameters, "
+                             f"got shape {np.shape(theta)}")
     elif theta is not None:
         raise ValueError(f"{model!r} has no parameters, but the setting gives {WALL_MODEL_KEY!r}")
     return first_guess(task.grid, task.driving)
@@ -390,109 +448,137 @@ def wall_modelled_profile(outcome: Outcome, task: ChannelTask) -> Profile:
     return Profile.from_state(task.grid, task.driving, outcome.solution, outcome)
 
 
-def log_friction_error(outcome: Outcome, task: ChannelTask) -> float:
-    """ln u_τ − ln u_τ,ref of a wall-modelled solve (NaN if it failed)."""
-    if outcome.failed:
-        return math.nan
-    g = float(outcome.solution[-1])
-    if not g > 0:
-        return math.nan
-    return math.log(task.driving.scale) + 0.5 * math.log(g) - math.log(task.u_tau_ref)
-
-
-class FrictionError:
-    """Cost of a wall-modelled solve: (ln u_τ − ln u_τ,ref)², the squared relative friction error.
-
-    A failed solve costs NaN in training (the estimator drops it) and `failure_value` (a 100%
-    error) in reports.
-    """
-
-    overrides: dict[str, Any] = {}
-
-    def __call__(self, outcome: Outcome, task: ChannelTask) -> float:
-        return log_friction_error(outcome, task) ** 2
-
-    def failure_value(self, task: ChannelTask) -> float:
-        return math.log(2.0) ** 2
-
-    def __repr__(self) -> str:
-        return "FrictionError()"
-
-
 SENSITIVITY_STEP = 1e-4
 """Step in c for ∂ ln u_τ/∂c: c is O(0.01–0.1) in use, and the solve is exact to ~1e-13."""
 
 
-@lru_cache(maxsize=1024)
-def spalding_response(re_b: float, cells: int, fine_cells: int = FINE_CELLS) -> tuple[float, float]:
-    """Spalding's friction error ln u_τ − ln u_τ,ref on this grid, and its sensitivity ∂/∂c to a
-    uniform factor e^c on Spalding's y₁⁺ (two coarse solves, cached per task).
+@lru_cache(maxsize=4096)
+def linear_response(re_b: float, grid_name: str, target_re_tau: float) -> tuple[float, float, float]:
+    """(Re_y at the first cell, Spalding's log error e₀ against the target, s = ∂e/∂c) on one
+    task: two coarse solves, Spalding and Spalding × e^c (c = SENSITIVITY_STEP), cached.
 
-    The learned model is Spalding × e^{c_θ(x)}, so to first order its error is
-    error + sensitivity·c_θ(x): the linearised solver response `LinearisedLoss` builds on.
+    The learned model is Spalding × e^{c_θ(x)}, so to first order its error is e₀ + s·c_θ(x).
     """
-    task = ChannelTask(re_b=re_b, cells=cells, fine_cells=fine_cells)
+    task = ChannelTask(re_b=re_b, grid_name=grid_name, target_re_tau=target_re_tau)
     factor = LearnedWallModel(hidden=1)
     shifted = np.zeros(factor.n_params)
     shifted[-1] = SENSITIVITY_STEP
-    centre, moved = wall_modelled_oracle(factor).solve_many(
-        task, [{WALL_MODEL_KEY: np.zeros(factor.n_params)}, {WALL_MODEL_KEY: shifted}])
-    error, moved_error = log_friction_error(centre, task), log_friction_error(moved, task)
+    centre, moved = wall_modelled_oracle(factor).solve_many(task, [{}, {WALL_MODEL_KEY: shifted}])
+    error, moved_error = task.log_error(centre), task.log_error(moved)
     if not (math.isfinite(error) and math.isfinite(moved_error)):
         raise RuntimeError(f"Spalding's wall-modelled solve failed for {task.name}: {centre.error or moved.error}")
-    return error, (moved_error - error) / SENSITIVITY_STEP
+    re_y = task.driving.scale * float(centre.solution[0]) * task.first_centre
+    return re_y, error, (moved_error - error) / SENSITIVITY_STEP
 
 
-class LinearisedLoss(nn.Module):
-    """The control variate's surrogate: the coarse solve linearised around Spalding's law.
+TARGETS = ("dns", "friction_law", "rans")
 
-    The learned model multiplies Spalding's y₁⁺ by e^{c_θ(x)}; to first order the friction error
-    is then e₀ + s·c_θ(x), with e₀ and s = ∂ ln u_τ/∂c measured by two coarse solves per task
-    (`spalding_response`) and c_θ evaluated exactly (torch, differentiable in θ). The surrogate
-    predicts (e₀ + a·s·c_θ(x) + b)², with a = 1 and b = 0 at the start; online training of the
-    scalars a and b absorbs what the linearisation misses as c grows.
+
+class ChannelFamily(Family):
+    """Wall-modelled channel tasks for `metasolve train`: (Re_b, coarse grid) pairs and a target Re_τ.
+
+    Training targets (`target`):
+    - "dns": the `train_dns` cases themselves (Hoyas & Jiménez, nominal Re_τ 180/550/2000) on
+      every grid: the data, and nothing between its Reynolds numbers;
+    - "friction_law": those cases plus `synthetic` Reynolds numbers log-spaced over `re_tau`,
+      whose targets come from the log friction law fitted to the training cases (`FrictionLaw`):
+      DNS anchors the level, the law carries it between and beyond the cases;
+    - "rans": the wall-resolved mixing-length solve at Dean's Re_b for the same Reynolds numbers
+      (dense, but the closure's own ~2% error comes with it).
+    Evaluation tasks are the `eval_dns` cases on `eval_grids` (default: the training grids),
+    always against DNS. The wall model being calibrated is `wall_model` (`hidden` random features).
     """
 
-    def __init__(self, model: LearnedWallModel) -> None:
-        super().__init__()
-        self.model = model
-        self.gain = nn.Parameter(torch.ones(1, dtype=torch.float64))
-        self.bias = nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    key = "channel"
 
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        x, error, sensitivity, theta = inputs[..., :2], inputs[..., 3], inputs[..., 4], inputs[..., 5:]
-        return (error + self.gain * sensitivity * self.model.correction(theta, x) + self.bias) ** 2
+    def __init__(self, seed: int = 0, target: str = "friction_law", train_dns: Sequence[int] = (550, 2000),
+                 eval_dns: Sequence[int] = (180,), grids: Sequence[str] = ("u8", "u12", "u16", "u24", "s16"),
+                 eval_grids: Sequence[str] | None = None, re_tau: Sequence[float] = (150.0, 2500.0),
+                 synthetic: int = 8, hidden: int = 16) -> None:
+        if target not in TARGETS:
+            raise ValueError(f"channel target must be one of {TARGETS}, got {target!r}")
+        eval_grids = list(grids) if eval_grids is None else list(eval_grids)
+        super().__init__(seed, target=target, train_dns=list(train_dns), eval_dns=list(eval_dns), grids=list(grids),
+                         eval_grids=eval_grids, re_tau=list(re_tau), synthetic=synthetic, hidden=hidden)
+        for name in [*grids, *eval_grids]:
+            Grid.named(name)  # a bad grid name fails here, naming itself
+        if not grids or not eval_grids:
+            raise ValueError("the channel family needs at least one training and one evaluation grid")
+        if len(re_tau) != 2 or not 0 < re_tau[0] < re_tau[1]:
+            raise ValueError(f"re_tau must be a range [lo, hi] with 0 < lo < hi, got {list(re_tau)!r}")
+        synthetic = check_count("synthetic", synthetic, minimum=0 if target == "dns" else 2)
+        self.target = target
+        self.wall_model = LearnedWallModel(hidden=check_count("hidden", hidden), seed=self.seed)
+        training = [dns_case(n) for n in train_dns]
+        self.train_cases, self.eval_cases = training, [dns_case(n) for n in eval_dns]
+        if target != "rans" and not training:
+            raise ValueError(f"target {target!r} needs at least one DNS case in train_dns")
+        conditions: list[tuple[float, float | None, str]] = []
+        if target in ("dns", "friction_law"):
+            conditions += [(p.re_b, p.re_tau, f"DNS Re{p.nominal}") for p in training]
+        if target == "friction_law":
+            law = self.law = FrictionLaw.fit(training)
+            conditions += [(law.re_b(r), r, "friction law") for r in np.geomspace(re_tau[0], re_tau[1], synthetic)]
+        if target == "rans":
+            conditions += [(float(round(dean_re_b(r))), None, "RANS") for r in np.geomspace(re_tau[0], re_tau[1], synthetic)]
+        self._train = [ChannelTask(re_b, g, target_re_tau, source) for re_b, target_re_tau, source in conditions
+                       for g in grids]
+        self._eval = [ChannelTask(p.re_b, g, p.re_tau, f"DNS Re{p.nominal}") for p in self.eval_cases
+                      for g in eval_grids]
 
+    @property
+    def feature_dim(self) -> int:
+        return LearnedWallModel.n_inputs + 2
 
-class APrioriLoss(nn.Module):
-    """A cheap differentiable model of `FrictionError` for the control variate.
+    def describe(self) -> str:
+        p = self.parameters
+        return (f"turbulent channel, mixing-length RANS on coarse grids {', '.join(p['grids'])} with a learned wall "
+                f"model (Spalding x e^c(Re_y, y1/h, growth), {self.wall_model.n_params} parameters); target "
+                f"{self.target} from DNS cases {p['train_dns']}; evaluated against DNS {p['eval_dns']}; "
+                f"{len(self._train)} training tasks. Features (training only, {self.feature_dim} numbers): the model's "
+                f"three inputs at Spalding's solution, Spalding's log Re_tau error and its sensitivity to the model")
 
-    From a task's `features` (x and Spalding's a-priori error) and θ it forms the learned
-    model's a-priori error at the first cell, δ = ln y₁⁺_model − ln y₁⁺_ref = gap + c_θ(x), exactly
-    and differentiably — the a-priori fit of the wall model to the wall-resolved profile — and
-    predicts the friction error as (a·δ + b(x))². At the start a = 1 and b = 0; trained online,
-    a learns how strongly the coarse solve passes a wall-model error on to u_τ and the small
-    tanh network b(x) the coarse grid's own discretisation error, which the a-priori view misses.
-    """
+    def _build(self, rng: np.random.Generator, index: int) -> ChannelTask:
+        tasks, i = (self._train, index) if index < EVAL_OFFSET else (self._eval, index - EVAL_OFFSET)
+        if i >= len(tasks):
+            which = "training" if index < EVAL_OFFSET else "evaluation"
+            raise ValueError(f"the channel family has {len(tasks)} {which} tasks (task {i} asked for): set "
+                             f"problem.{'train' if which == 'training' else 'eval'}_tasks = {len(tasks)}")
+        return tasks[i]
 
-    def __init__(self, model: LearnedWallModel, hidden: int = 8) -> None:
-        super().__init__()
-        self.model = model
-        self.gain = nn.Parameter(torch.ones(1, dtype=torch.float64))
-        self.bias = nn.Sequential(nn.Linear(2, hidden), nn.Tanh(), nn.Linear(hidden, 1)).double()
-        nn.init.zeros_(self.bias[-1].weight)
-        nn.init.zeros_(self.bias[-1].bias)
+    def train_tasks(self, count: int) -> list[ChannelTask]:
+        """Every training task: a fixed set of conditions, so `count` must name exactly how many."""
+        if count != len(self._train):
+            raise ValueError(f"the channel family has {len(self._train)} training tasks: set problem.train_tasks = "
+                             f"{len(self._train)} (got {count})")
+        return list(self._train)
 
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        x, gap, theta = inputs[..., :2], inputs[..., 2], inputs[..., 5:]
-        error = gap + self.model.correction(theta, x)
-        return (self.gain * error + self.bias(x)[..., 0]) ** 2
+    def eval_tasks(self, count: int) -> list[ChannelTask]:
+        if count != len(self._eval):
+            raise ValueError(f"the channel family has {len(self._eval)} evaluation tasks: set problem.eval_tasks = "
+                             f"{len(self._eval)} (got {count})")
+        return list(self._eval)
+
+    # What `metasolve train` asks a family that brings its own solver, parameters and surrogate.
+    def oracle(self) -> SNESOracle:
+        return wall_modelled_oracle(self.wall_model)
+
+    @property
+    def parameter_count(self) -> int:
+        return self.wall_model.n_params
+
+    def initial_parameters(self) -> np.ndarray:
+        return self.wall_model.initial_parameters()
+
+    def surrogate_net(self) -> Any:
+        from metasolve.calibration import LinearisedResponse
+
+        return LinearisedResponse(self.wall_model.correction, inputs=LearnedWallModel.n_inputs)
 
 
 __all__ = [
-    "A_PLUS", "APrioriLoss", "ChannelTask", "DNSProfile", "Driving", "FINE_CELLS", "FrictionError", "Grid", "LinearisedLoss",
-    "Profile",
-    "WALL_MODEL_KEY", "WallResolvedProblem", "channel_tasks", "dean_re_b", "dean_re_tau", "dns_profiles", "first_guess",
-    "log_friction_error", "momentum_residual", "outer_mixing_length", "spalding_response", "wall_modelled_oracle",
+    "A_PLUS", "ChannelFamily", "ChannelTask", "DNSProfile", "Driving", "FINE_CELLS", "FrictionLaw", "Grid", "Profile",
+    "TARGETS", "WALL_MODEL_KEY", "WallResolvedProblem", "dean_re_b", "dean_re_tau", "dns_case", "dns_profiles",
+    "first_guess", "linear_response", "momentum_residual", "outer_mixing_length", "wall_modelled_oracle",
     "wall_modelled_profile", "wall_resolved", "wall_resolved_reference", "wall_stress",
 ]

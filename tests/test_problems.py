@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from problems import EVAL_OFFSET, FAMILIES, ConvDiff, Diffusion, Poisson1D, Poisson2D, make_family
+from problems import EVAL_OFFSET, FAMILIES, ChannelFamily, ConvDiff, Diffusion, Poisson1D, Poisson2D, make_family
 from problems.convdiff import stream_velocity
 from problems.family import coarse_average, sine_coefficients, sine_modes
 from solvers import KSPOracle
@@ -37,7 +37,8 @@ def same_task(t1, t2) -> bool:
 
 
 def test_registry_holds_the_four_families():
-    assert FAMILIES == {"poisson1d": Poisson1D, "poisson2d": Poisson2D, "diffusion": Diffusion, "convdiff": ConvDiff}
+    assert FAMILIES == {"poisson1d": Poisson1D, "poisson2d": Poisson2D, "diffusion": Diffusion, "convdiff": ConvDiff,
+                        "channel": ChannelFamily}
 
 
 @pytest.mark.parametrize("name", sorted(SMALL))
