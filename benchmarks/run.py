@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SECTIONS = ["overhead", "estimators", "estimator_training", "initial_guess", "options", "mpi_throughput", "wall_model", "executable", "heat_stepper"]
+SECTIONS = ["overhead", "estimators", "estimator_training", "initial_guess", "options", "survey", "mpi_throughput", "wall_model", "executable", "heat_stepper"]
 
 
 def run_benchmarks(only: list[str] | None = None, quick: bool = False, out: Path = RESULTS) -> dict:

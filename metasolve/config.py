@@ -26,7 +26,7 @@ _NUMBER = (int, float)
 # section -> key -> (accepted types, default or REQUIRED)
 SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
     "problem": {"family": (str, REQUIRED), "params": (dict, {}), "seed": (int, 0),
-                "train_tasks": (int, 64), "eval_tasks": (int, 16)},
+                "train_tasks": (int, 64), "eval_tasks": (int, 16), "features": (str, "auto")},
     "solver": {"kind": (str, "ksp"), "ksp_type": (str, "cg"), "pc_type": (str, "jacobi"),
                "rtol": (_NUMBER, 1e-6), "atol": (_NUMBER, 1e-50), "max_it": (int, 10_000),
                "options": (dict, {}), "command": (list, []), "timeout": (_NUMBER, 60.0)},

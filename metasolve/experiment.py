@@ -15,6 +15,7 @@ from metasolve.params import Interval, LogInterval, Space, Vector
 from metasolve.surrogate import Surrogate
 from metasolve.train import Trainer
 from problems import make_family
+from problems.family import with_features
 
 @dataclass
 class Experiment:
@@ -120,10 +121,22 @@ def build_schedule(train: dict, optimizer: torch.optim.Optimizer) -> Any:
     raise ValueError(f"train.schedule must be 'constant' or 'cosine', got {train['schedule']!r}")
 
 
+def feature_kind(config: dict) -> str:
+    """`[problem] features`: "operator", "family", "both", or "auto" (the default): operator
+    features (`solvers.features`) when the space holds only scalar options, which depend on the
+    operator they describe; the family's own when it predicts a vector (an initial guess depends
+    on the detail of b, which a few summary numbers cannot carry)."""
+    kind = config["problem"]["features"]
+    if kind != "auto":
+        return kind
+    return "family" if any(part["kind"] == "vector" for part in config["space"].values()) else "operator"
+
+
 def build_experiment(config: dict, executor: Any) -> Experiment:
     problem, train = config["problem"], config["train"]
     torch.manual_seed(train["seed"])
-    family = make_family(problem["family"], seed=problem["seed"], **problem["params"])
+    family = with_features(make_family(problem["family"], seed=problem["seed"], **problem["params"]),
+                           feature_kind(config))
     train_tasks = family.train_tasks(problem["train_tasks"])
     eval_tasks = family.eval_tasks(problem["eval_tasks"])
     space = build_space(config, train_tasks[0], family)
