@@ -16,16 +16,18 @@ import torch
 
 from metasolve.config import ConfigError, load_config, parse_config, validate
 from metasolve.experiment import Experiment, build_experiment
-from metasolve.parallel import MPIExecutor, SerialExecutor, abort_on_uncaught_exception
+from metasolve.parallel import SCHEDULES, MPIExecutor, SerialExecutor, abort_on_uncaught_exception
 from metasolve.report import markdown_table, write_report
 from metasolve.train import summarize
 from solvers._petsc import MPI
 
 
-def make_executor(group_size: int = 1):
-    """MPI when launched under mpiexec with more than one rank, serial otherwise."""
+def make_executor(group_size: int = 1, schedule: str = "balanced"):
+    """MPI when launched under mpiexec with more than one rank, serial otherwise (`[parallel]` keys)."""
     if MPI.COMM_WORLD.Get_size() > 1:
-        return MPIExecutor(MPI.COMM_WORLD, group_size=group_size)
+        return MPIExecutor(MPI.COMM_WORLD, group_size=group_size, schedule=schedule)
+    if schedule not in SCHEDULES:
+        raise ValueError(f"parallel.schedule must be one of {SCHEDULES}, got {schedule!r}")
     if group_size != 1:
         raise ValueError(f"parallel.group_size = {group_size} needs mpiexec with a multiple of {group_size} ranks")
     return SerialExecutor()
@@ -46,7 +48,7 @@ def _baseline(config: dict) -> dict:
 
 def train(config: dict, out: Path, resume: bool = False, quiet: bool = False) -> tuple[Experiment, dict]:
     """Train, evaluate against the default setting, write report + deployable meta-solver to `out`."""
-    executor = make_executor(config["parallel"]["group_size"])
+    executor = make_executor(**config["parallel"])
     experiment = build_experiment(config, executor)
     trainer = experiment.trainer
     trainer.checkpoint_dir = out / "checkpoints"
@@ -79,7 +81,7 @@ def evaluate(checkpoint: Path, tasks: int | None) -> dict:
     config = validate(state["metadata"]["config"], str(checkpoint))
     if tasks is not None:
         config["problem"]["eval_tasks"] = tasks
-    executor = make_executor(config["parallel"]["group_size"])
+    executor = make_executor(**config["parallel"])
     experiment = build_experiment(config, executor)
     experiment.trainer.load_state_dict(state)
     evaluation = experiment.trainer.evaluate(experiment.eval_tasks, baselines=_baseline(config),

@@ -29,7 +29,8 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
                 "train_tasks": (int, 64), "eval_tasks": (int, 16), "features": (str, "auto")},
     "solver": {"kind": (str, "ksp"), "ksp_type": (str, "cg"), "pc_type": (str, "jacobi"),
                "rtol": (_NUMBER, 1e-6), "atol": (_NUMBER, 1e-50), "max_it": (int, 10_000),
-               "options": (dict, {}), "command": (list, []), "timeout": (_NUMBER, 60.0)},
+               "options": (dict, {}), "command": (list, []), "timeout": (_NUMBER, 60.0),
+               "isolate": (bool, False)},
     "space": {},
     "cost": {"kind": (str, "log_residual"), "iterations": (int, 20), "rtol": (_NUMBER, 1e-6),
              "max_it": (int, 200), "sharpness": (_NUMBER, 4.0)},
@@ -47,7 +48,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
               "checkpoint_every": (int, 10), "eval_every": (int, 0), "out": (str, "runs/metasolve"),
               "reference_every": (int, 0)},
     "evaluate": {"rtol": (_NUMBER, 1e-6), "max_it": (int, 10_000)},
-    "parallel": {"group_size": (int, 1)},
+    "parallel": {"group_size": (int, 1), "schedule": (str, "balanced")},
 }
 
 SPACE_PART_SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {

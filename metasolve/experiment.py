@@ -1,6 +1,7 @@
 """Build everything a run needs from a validated config: one place where names become objects."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,9 +69,19 @@ def build_oracle(config: dict, executor: Any, family: Any = None) -> Any:
     if solver["kind"] == "ksp":
         from solvers import KSPOracle
 
-        return KSPOracle(ksp_type=solver["ksp_type"], pc_type=solver["pc_type"], rtol=solver["rtol"],
-                         atol=solver["atol"], max_it=solver["max_it"], options=solver["options"],
-                         comm=executor.solve_comm)
+        recipe = dict(ksp_type=solver["ksp_type"], pc_type=solver["pc_type"], rtol=solver["rtol"],
+                      atol=solver["atol"], max_it=solver["max_it"], options=solver["options"])
+        if solver["isolate"]:
+            from solvers import IsolatedOracle
+
+            if executor.solve_comm.getSize() != 1:
+                raise ValueError("solver.isolate = true solves each task in a process of its own: "
+                                 "it cannot be combined with parallel.group_size > 1")
+            return IsolatedOracle(functools.partial(KSPOracle, **recipe), timeout=solver["timeout"])
+        return KSPOracle(**recipe, comm=executor.solve_comm)
+    if solver["isolate"]:
+        raise ValueError(f"solver.isolate = true applies to in-process solvers (kind = 'ksp'); "
+                         f"kind = {solver['kind']!r} already runs outside the training process")
     if solver["kind"] == "executable":
         from solvers import ExecutableOracle
 

@@ -1,4 +1,4 @@
-"""`mpiexec -n N metasolve train`: identical weights for any N, and errors that end the job."""
+"""`mpiexec -n N metasolve train`: identical weights for any N, schedule and isolation, and errors that end the job."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,6 +21,7 @@ eval_tasks = 3
 ksp_type = "richardson"
 pc_type = "jacobi"
 options = {options}
+isolate = {isolate}
 
 [space.x0]
 kind = "vector"
@@ -47,28 +48,39 @@ steps = 4
 batch_size = 5
 checkpoint_every = 2
 seed = 3
+
+[parallel]
+schedule = "{schedule}"
 """
 
+pytestmark = [pytest.mark.mpi, pytest.mark.slow]
 
-def train_on(ranks: int, tmp_path: Path, options: str = "{}"):
-    config = tmp_path / f"run{ranks}.toml"
-    config.write_text(CONFIG.format(options=options))
-    out = tmp_path / f"out{ranks}"
+
+def train_on(ranks: int, tmp_path: Path, options: str = "{}", schedule: str = "balanced", isolate: bool = False):
+    name = f"{ranks}-{schedule}-{'isolated' if isolate else 'in-process'}"
+    config = tmp_path / f"run{name}.toml"
+    config.write_text(CONFIG.format(options=options, schedule=schedule, isolate=str(isolate).lower()))
+    out = tmp_path / f"out{name}"
     result = run_mpi(CLI, n=ranks, args=["train", config, "--out", out, "--quiet"], timeout=120)
     return result, out
 
 
-def test_trained_weights_are_identical_for_1_2_and_4_ranks(tmp_path):
+def test_trained_weights_are_identical_for_1_2_and_4_ranks_any_schedule_with_or_without_isolation(tmp_path):
+    """Runs: 1 rank; 2 and 4 ranks, balanced schedule; 2 ranks with every solve in an isolated
+    worker process. Every one must end with the same weights, bit for bit. (The static schedule's
+    results are checked bit for bit against serial in test_parallel.)"""
+    runs = [(1, "balanced", False), (2, "balanced", False), (4, "balanced", False), (2, "balanced", True)]
     weights = {}
-    for ranks in (1, 2, 4):
-        result, out = train_on(ranks, tmp_path)
+    for ranks, schedule, isolate in runs:
+        result, out = train_on(ranks, tmp_path, schedule=schedule, isolate=isolate)
         assert result.returncode == 0, result.stderr[-3000:]
-        weights[ranks] = torch.load(out / "meta_solver.pt", weights_only=False)["meta_solver"]["state"]
+        weights[ranks, schedule, isolate] = torch.load(out / "meta_solver.pt", weights_only=False)["meta_solver"]["state"]
         assert result.stdout.count("metasolve: report") == 1  # only rank 0 prints
-    for ranks in (2, 4):
-        for name, tensor in weights[1].items():
-            assert torch.equal(tensor, weights[ranks][name]), (ranks, name)
-    assert any(t.abs().sum() > 0 for n, t in weights[1].items() if n.endswith("weight"))
+    reference = weights[runs[0]]
+    for run in runs[1:]:
+        for name, tensor in reference.items():
+            assert torch.equal(tensor, weights[run][name]), (run, name)
+    assert any(t.abs().sum() > 0 for n, t in reference.items() if n.endswith("weight"))
 
 
 @pytest.mark.parametrize("options, message", [('{ pc_sor_omega = 1.5 }', "pc_sor_omega")])

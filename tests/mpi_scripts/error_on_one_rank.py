@@ -1,14 +1,18 @@
 """Under mpiexec: `fn` raises on one rank only; every rank must raise RemoteError with its message.
 
-Usage: error_on_one_rank.py GROUP_SIZE. Item 3 fails only on the last rank of the worker that owns
-it. The RemoteError is left uncaught so the test sees one traceback per rank and a non-zero exit.
+Usage: error_on_one_rank.py GROUP_SIZE OUT_DIR. Item 3 fails only on the last rank of the worker
+that owns it. Each rank writes what it raised to OUT_DIR/rank<r>.txt (one file per rank, so the
+test reads each rank's outcome whole, not two processes' stderr interleaved), then leaves the
+RemoteError uncaught so the job exits non-zero.
 """
 import sys
+from pathlib import Path
 
-from metasolve.parallel import MPIExecutor
+from metasolve.parallel import MPIExecutor, RemoteError
 from solvers._petsc import MPI
 
 executor = MPIExecutor(MPI.COMM_WORLD, group_size=int(sys.argv[1]))
+report = Path(sys.argv[2]) / f"rank{executor.rank}.txt"
 
 
 def fail_on_item_3(item: int) -> int:
@@ -17,5 +21,9 @@ def fail_on_item_3(item: int) -> int:
     return item
 
 
-executor.map(fail_on_item_3, range(6))
-print(f"rank {executor.rank}: map returned although item 3 failed", flush=True)
+try:
+    executor.map(fail_on_item_3, range(6))
+except RemoteError as error:
+    report.write_text(f"{type(error).__name__}: {error}\n")
+    raise
+report.write_text("map returned although item 3 failed\n")

@@ -1,14 +1,17 @@
 """Under mpiexec: `MPIExecutor.map` returns the serial result on every rank, bit for bit.
 
-Usage: map_matches_serial.py GROUP_SIZE. Checks even, uneven, single and empty item lists, and
-that each rank ran exactly the block of items its worker owns (the work really was split).
+Usage: map_matches_serial.py GROUP_SIZE SCHEDULE. Checks even, uneven, single and empty item
+lists, that each rank ran exactly the items its worker was assigned (the work really was split),
+and for the balanced schedule that keyed costs measured in one call steer the next: the item
+made 50x slower than the rest must end up alone on its worker once its cost is known.
 Exits non-zero on every rank if any rank saw a mismatch.
 """
 import sys
+import time
 
 import numpy as np
 
-from metasolve.parallel import MPIExecutor, SerialExecutor, block
+from metasolve.parallel import MPIExecutor, SerialExecutor
 from solvers._petsc import MPI
 
 
@@ -22,28 +25,48 @@ def same(a: list, b: list) -> bool:
         x[0] == y[0] and np.array_equal(x[1], y[1]) and x[2] == y[2] for x, y in zip(a, b))
 
 
-executor = MPIExecutor(MPI.COMM_WORLD, group_size=int(sys.argv[1]))
+executor = MPIExecutor(MPI.COMM_WORLD, group_size=int(sys.argv[1]), schedule=sys.argv[2])
 problems = []
 for count in (0, 1, 5, 7, 2 * executor.size + 1):
     items = list(range(100, 100 + count))
+    keys = [f"key{item % 3}" for item in items]
     ran = []
 
     def recording_value(item: int) -> tuple:
         ran.append(item)
         return value(item)
 
-    got = executor.map(recording_value, items)
+    owned = [items[i] for i in executor.assignment(count, keys)[executor.worker]]
+    got = executor.map(recording_value, items, keys=keys)
     if not same(got, SerialExecutor().map(value, items)):
         problems.append(f"{count} items: result differs from the serial map")
     if not all(same(got, other) for other in MPI.COMM_WORLD.allgather(got)):
         problems.append(f"{count} items: ranks disagree")
-    owned = [items[i] for i in block(count, executor.workers, executor.worker)]
     if ran != owned:
-        problems.append(f"{count} items: ran {ran}, the block of worker {executor.worker} is {owned}")
+        problems.append(f"{count} items: ran {ran}, worker {executor.worker} was assigned {owned}")
+
+if executor.schedule == "balanced" and executor.workers > 1:
+    slow = 2  # item 2 sleeps 50x longer than the others: once measured, LPT must give it a worker alone
+    items = list(range(2 * executor.workers + 2))
+
+    def uneven(item: int) -> tuple:
+        time.sleep(0.05 if item == slow else 0.001)
+        return value(item)
+
+    for attempt in range(2):
+        got = executor.map(uneven, items, keys=[f"task{i}" for i in items])
+        if not same(got, SerialExecutor().map(value, items)):
+            problems.append(f"uneven costs, call {attempt}: result differs from the serial map")
+    alone = [worker for worker in executor.assignment(len(items), [f"task{i}" for i in items]) if slow in worker]
+    if alone != [[slow]]:
+        problems.append(f"after measuring, the slow item shares its worker: {alone}")
+    if not all(m == executor.expected_seconds for m in MPI.COMM_WORLD.allgather(executor.expected_seconds)):
+        problems.append("ranks learned different expected costs")
 
 for problem in problems:
     print(f"rank {executor.rank}: {problem}", flush=True)
 if MPI.COMM_WORLD.allreduce(len(problems)):
     sys.exit(1)
 if executor.is_root:
-    print(f"OK map matches serial on {executor.size} ranks, group_size {executor.group_size}")
+    print(f"OK map matches serial on {executor.size} ranks, group_size {executor.group_size}, "
+          f"schedule {executor.schedule}")
