@@ -136,3 +136,23 @@ def test_families_carry_operator_features_alone_or_with_their_own():
     assert np.array_equal(task.b, own.b) and operator.n_range == family.n_range
     with pytest.raises(ValueError, match="features must be one of"):
         with_features(family, "spectral")
+
+
+def test_survey_families_are_spd_and_their_features_see_what_makes_them_hard():
+    """Rotated anisotropy gives positive corner couplings (not an M-matrix: Gershgorin reaches below
+    0), binary high contrast a diagonal spread of about its 10^c jump; both stay SPD."""
+    from problems.anisotropic import RotatedAnisotropic, rotated_anisotropic_matrix
+    from problems.contrast import HighContrast
+
+    rotated = rotated_anisotropic_matrix(6, 0.01, math.pi / 4).toarray()
+    assert np.allclose(rotated, rotated.T) and np.linalg.eigvalsh(rotated).min() > 0
+    aligned = rotated_anisotropic_matrix(6, 0.01, 0.0).toarray()
+    assert np.allclose(aligned, np.kron(np.eye(6), laplacian_1d(6).toarray())
+                       + 0.01 * np.kron(laplacian_1d(6).toarray(), np.eye(6)))
+    anisotropic = RotatedAnisotropic(n_range=8, epsilon_range=0.01, angle_range=math.pi / 4).task(0)
+    values = operator_features(anisotropic.A, anisotropic.b)
+    assert feature(values, "asymmetry") < 1e-15 and feature(values, "gershgorin_lower") < 0
+    assert feature(values, "nnz_per_row_max") == 9.0
+    contrast = HighContrast(n_range=10, contrast_range=4.0).task(0)
+    assert np.linalg.eigvalsh(contrast.A.toarray()).min() > 0
+    assert 3.0 < feature(operator_features(contrast.A), "log10_diag_contrast") < 5.0
