@@ -630,3 +630,29 @@ def test_predict_refuses_a_task_it_cannot_compute_features_for(tmp_path):
         predict(model, tmp_path, arguments=["-n", "4"])
     with pytest.raises(ValueError, match="must be positive"):
         predict(model, tmp_path, arguments=["-n", "4", "-kappa", "0", "-dt", "1"])
+
+
+def test_predict_from_the_matrix_files_the_oracle_wrote(legacy_solver, tmp_path):
+    """A model on operator features: `predict --matrix A.bin --rhs b.bin` computes them from the same
+    files the program reads, and the legacy program accepts the options file."""
+    import torch
+
+    from metasolve import Interval, MetaSolver, Space
+    from metasolve.predict import predict
+    from solvers.executable import linear_system_files
+    from solvers.features import operator_features
+
+    task = poisson_2d(8, seed=7)
+    arguments = linear_system_files(task, str(tmp_path))  # ["-f", A.bin, "-rhs", b.bin]
+    features = operator_features(*task.petsc(PETSc.COMM_SELF))
+    meta = MetaSolver(len(features), Space({"pc_sor_omega": Interval(1.0, 1.95)}), depth=0)
+    with torch.no_grad():
+        meta.net[-1].bias.fill_(1.0)
+    meta.save(tmp_path / "model.pt")
+    options_file, setting = predict(tmp_path / "model.pt", tmp_path / "job", matrix=arguments[1], rhs=arguments[3])
+    expected = meta.predict(LinearSystem(task.A, task.b, features=features))["pc_sor_omega"]
+    assert setting["pc_sor_omega"] == expected and f"-pc_sor_omega {expected!r}" in options_file.read_text()
+    program = subprocess.run([legacy_solver, *arguments, "-ksp_type", "richardson", "-pc_type", "sor",
+                              "-options_file", str(options_file), "-ksp_converged_reason", "-options_left"],
+                             capture_output=True, text=True, env=child_environment(), timeout=60)
+    assert program.returncode == 0 and "Option left" not in program.stdout, program.stdout[-2000:]
