@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import random
 
 import pytest
 import torch
@@ -73,7 +74,7 @@ def test_a_file_that_would_run_code_is_refused(tmp_path):
     marker = tmp_path / "ran"
     path = tmp_path / "evil.pt"
     torch.save({"meta_solver": _RunsCode(str(marker))}, path)
-    with pytest.raises(CheckpointError, match=str(path)):
+    with pytest.raises(CheckpointError, match=f"{path}.*refused.*{os.system.__module__}.system"):
         MetaSolver.load(path)
     assert not marker.exists()
 
@@ -82,24 +83,25 @@ def test_an_old_file_with_a_pickled_space_is_refused_naming_it(tmp_path):
     meta = trained()
     path = tmp_path / "old.pt"
     torch.save({"meta_solver": {"spec": meta.spec, "space": SPACE, "state": meta.state_dict()}}, path)
-    with pytest.raises(CheckpointError, match=str(path)):
+    with pytest.raises(CheckpointError, match=f"{path}.*refused.*metasolve.params.Space"):
         MetaSolver.load(path)
 
 
-@pytest.mark.parametrize("damage", ["truncated", "random", "empty", "not a model"])
-def test_damaged_files_give_an_error_naming_the_file(tmp_path, damage):
+@pytest.mark.parametrize("damage, what", [("truncated", "truncated"), ("random", "random or damaged"),
+                                          ("empty", "empty"), ("not a model", "holds no meta-solver")])
+def test_damaged_files_give_an_error_naming_the_file(tmp_path, damage, what):
     path = tmp_path / "meta.pt"
     trained().save(path)
     content = path.read_bytes()
     if damage == "truncated":
         path.write_bytes(content[: len(content) // 2])
     elif damage == "random":
-        path.write_bytes(os.urandom(len(content)))
+        path.write_bytes(random.Random(0).randbytes(len(content)))
     elif damage == "empty":
         path.write_bytes(b"")
     else:
         torch.save({"weights": torch.zeros(3)}, path)
-    with pytest.raises(CheckpointError, match=str(path)):
+    with pytest.raises(CheckpointError, match=f"{path}.*{what}"):
         MetaSolver.load(path)
 
 
