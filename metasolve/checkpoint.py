@@ -64,8 +64,24 @@ def load_file(path: Path, what: str = "checkpoint") -> Any:
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such {what} file") from None
     except Exception as error:  # noqa: BLE001 — truncated, random, or a pickle that wants to run code
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{path}: not a readable {what} ({type(error).__name__}: {reason})") from None
+        raise CheckpointError(f"{path}: not a readable {what} ({_unreadable(error)})") from None
+
+
+def _unreadable(error: Exception) -> str:
+    """What is wrong with a file torch.load(weights_only=True) rejected, in words (torch's own
+    message for a crafted pickle suggests loading it unsafely, and for random bytes says nothing)."""
+    text = str(error).strip()
+    if "Weights only load failed" in text:
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        if found:
+            return (f"refused: it holds a pickled Python object, {found.group(1)}, that loading would construct "
+                    "or call; metasolve writes only tensors and plain data")
+        return "not written by torch.save: random or damaged bytes"
+    if isinstance(error, EOFError) or not text:
+        return "empty or truncated"
+    if "central directory" in text:
+        return "truncated or damaged: its zip archive is incomplete"
+    return f"{type(error).__name__}: {text.splitlines()[0]}"
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
