@@ -157,7 +157,8 @@ def build_experiment(config: dict, executor: Any) -> Experiment:
     if config["model"]["kind"] == "shared":  # a calibration: one θ for every task
         meta_solver = SharedParameters(space, getattr(family, "initial_parameters", lambda: None)())
     else:
-        meta_solver = MetaSolver(feature_dim, space, hidden=config["model"]["hidden"], depth=config["model"]["depth"])
+        meta_solver = MetaSolver(feature_dim, space, hidden=config["model"]["hidden"], depth=config["model"]["depth"],
+                                 features=feature_kind(config))
         if config["model"]["normalize"]:
             meta_solver.fit_normalizer(train_tasks)
     estimator = build_estimator(config, torch.stack([t.features for t in train_tasks]), space.dim, family)
