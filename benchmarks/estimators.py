@@ -43,7 +43,7 @@ from metasolve.report import markdown_table  # noqa: E402
 from problems import Family, Poisson1D, Poisson2D  # noqa: E402
 from solvers import KSPOracle, twin_for  # noqa: E402
 
-SOLVES_PER_SAMPLE = (1, 2, 4, 8, 16)
+SOLVES_PER_SAMPLE = (1, 2, 4, 8)
 GOAL_COSINE = 0.8
 BASELINE = "NI-GBMS: β = 1, surrogate 1 step/estimate"
 SURROGATE_ALONE = "surrogate alone (its gradient, no solves)"
@@ -585,11 +585,11 @@ def run(out: Path, quick: bool = False) -> dict:
 
 
 def _run(out: Path, quick: bool) -> dict:
-    samples = 8 if quick else 32
+    samples = 8 if quick else 24
     results = [
-        run_case(nigbms_case(), samples, pool_size=100 if quick else 2000, warm_steps=60 if quick else 1000,
+        run_case(nigbms_case(), samples, pool_size=100 if quick else 1000, warm_steps=60 if quick else 400,
                  batch=16, lr=3e-3, seed=0),
-        run_case(poisson2d_case(), samples, pool_size=24 if quick else 400, warm_steps=20 if quick else 800,
+        run_case(poisson2d_case(), samples, pool_size=24 if quick else 200, warm_steps=20 if quick else 200,
                  batch=16, lr=3e-3, seed=0),
     ]
     estimator_rows = estimator_memory(dims=(16, 64) if quick else (16, 64, 256, 1024),
