@@ -157,12 +157,3 @@ def test_survey_families_are_spd_and_their_features_see_what_makes_them_hard():
     assert np.linalg.eigvalsh(contrast.A.toarray()).min() > 0
     assert 3.0 < feature(operator_features(contrast.A), "log10_diag_contrast") < 5.0
 
-
-def test_features_of_a_matrix_distributed_over_two_ranks_match_the_serial_ones():
-    """Only the reduction order differs across partitions (the start vector is drawn by global index)."""
-    from tests.mpi_run import run_mpi
-
-    result = run_mpi("tests/mpi_scripts/features_partition.py", n=2, timeout=120)
-    assert result.returncode == 0, result.stderr
-    worst = float(result.stdout.split("worst")[1].split()[0])
-    assert worst < 1e-10, result.stdout
