@@ -12,6 +12,7 @@ from solvers import KSPOracle, LinearSystem, PETSc
 from solvers.deploy import applied
 from solvers.features import operator_features
 from solvers.options import unused_options
+from tests.mpi_run import REPO_ROOT, run_mpi
 from tests.systems import poisson_2d
 
 RTOL, MAX_IT = 1e-6, 5000
@@ -157,3 +158,10 @@ def test_features_of_a_users_system_are_the_training_features():
     family_trained = MetaSolver(3, space, depth=0, features="poisson2d")
     with pytest.raises(ValueError, match="poisson2d"):
         family_trained.predict(LinearSystem(task.A, task.b))
+
+
+@pytest.mark.mpi
+def test_distributed_wrap_and_deploy_on_two_ranks():
+    result = run_mpi(REPO_ROOT / "tests" / "mpi_scripts" / "deploy_distributed.py", n=2, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "OK distributed wrap and deploy", result.stdout + result.stderr
