@@ -25,7 +25,8 @@ class Oracle(Protocol):
     (`solvers.options.split_setting` is the one translation). Nothing set for one call may reach
     the next. Solver failures (divergence, a PETSc error, a crash) come back as a failed
     `Outcome`; a setting the solver cannot even read (an option PETSc never read, a malformed
-    guess) raises ValueError, because training on it would learn nothing.
+    guess) raises ValueError, because training on it would learn nothing. (`BlackBox` also
+    takes a bare `oracle(task, setting)` callable and then solves the settings one by one.)
     """
 
     def __call__(self, task: Any, setting: Mapping[str, Any] | None = None) -> Outcome: ...
