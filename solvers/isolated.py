@@ -64,6 +64,8 @@ class IsolatedOracle:
     `timeout` is seconds per solve: a request of k settings that gets no answer within
     k·timeout kills the worker as hung. `cache` bounds the tasks a worker keeps (least recently
     used dropped). `crashes` counts workers lost; `close()` ends the worker (also at exit).
+    `return_solution`, when set, is set on the worker's oracle (the `KSPOracle`/`SNESOracle`
+    attribute that makes Outcomes carry the solution, which pretraining asks for).
     """
 
     def __init__(self, factory: Callable[[], Any], timeout: float = 60.0, cache: int = 1024) -> None:
@@ -77,6 +79,7 @@ class IsolatedOracle:
             raise TypeError(f"IsolatedOracle: the factory {factory!r} must be picklable (a module-level "
                             f"class or function, or functools.partial of one): {error}") from None
         self.factory, self.timeout, self.cache = factory, float(timeout), int(cache)
+        self.return_solution: bool | None = None  # None: as the factory's oracle does; else set there
         self.crashes = 0
         self._process: subprocess.Popen | None = None
         self._send: Connection | None = None
@@ -113,7 +116,7 @@ class IsolatedOracle:
             while len(self._sent) > self.cache:
                 forget.append(self._sent.popitem(last=False)[0])
         try:
-            self._send.send((key, payload, forget, settings))
+            self._send.send((key, payload, forget, settings, self.return_solution))
         except (BrokenPipeError, OSError):
             raise self._lost("died before the solve") from None
         limit = self.timeout * len(settings)
@@ -202,6 +205,13 @@ class IsolatedOracle:
                 process.kill()
                 process.wait()
 
+    def __copy__(self) -> "IsolatedOracle":
+        """A second oracle with the same recipe and a worker of its own (a shallow copy would
+        share, and on deletion close, this one's pipes)."""
+        twin = IsolatedOracle(self.factory, self.timeout, self.cache)
+        twin.return_solution = self.return_solution
+        return twin
+
     def __del__(self) -> None:
         try:
             self.close()
@@ -266,9 +276,11 @@ def _serve(receive: Connection, send: Connection) -> None:
     tasks: dict[int, Any] = {}
     while True:
         try:
-            key, payload, forget, settings = receive.recv()
+            key, payload, forget, settings, return_solution = receive.recv()
         except EOFError:
             return
+        if return_solution is not None:
+            oracle.return_solution = return_solution
         for old in forget:
             tasks.pop(old, None)
         if payload is not None:

@@ -3,6 +3,7 @@ and hangs become failed Outcomes naming the signal; everything else is exactly t
 oracle: the same Outcomes bit for bit, the same exceptions for mistakes."""
 from __future__ import annotations
 
+import copy
 import ctypes
 import functools
 import os
@@ -110,6 +111,24 @@ def test_a_mistake_in_the_worker_is_raised_in_the_caller_not_survived(isolated):
         isolated(poisson_1d(16, seed=0), {"pc_sor_omega": 1.5})  # not an option of Jacobi
     assert isolated.crashes == 0
     assert not isolated(poisson_1d(16, seed=0)).failed  # the worker lived on
+
+
+def test_solutions_on_request_and_a_copy_has_a_worker_of_its_own():
+    """Pretraining copies the oracle and asks the copy for solutions; deleting the copy must
+    leave the original's worker alone."""
+    isolated = IsolatedOracle(functools.partial(KSPOracle, "cg", "jacobi", rtol=1e-8))
+    try:
+        task = poisson_1d(20, seed=3)
+        assert isolated(task).solution is None
+        twin = copy.copy(isolated)
+        twin.return_solution = True
+        direct = KSPOracle("cg", "jacobi", rtol=1e-8, return_solution=True)(task)
+        assert np.array_equal(twin(task).solution, direct.solution)
+        del twin
+        again = isolated(task)
+        assert not again.failed and again.solution is None and isolated.crashes == 0
+    finally:
+        isolated.close()
 
 
 def test_what_cannot_cross_the_pipe_is_named():
