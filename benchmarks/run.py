@@ -2,6 +2,12 @@
 
 Every section compares methods side by side in one run (ratios, medians over seeds), because
 wall-clock numbers on shared machines drift between runs.
+
+A repository command (`make bench`, `metasolve bench` in a clone): the benchmarks and their
+results live in the repository, not in the installed package, and `metasolve bench` says so when
+run from a wheel. A section that trains a predictor should build it from a config with
+`metasolve.experiment.build_experiment` (scaled with `metasolve.config.override`), the same
+path as `metasolve train`, so a benchmark measures what a config runs.
 """
 from __future__ import annotations
 
@@ -11,7 +17,7 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SECTIONS = ["overhead", "estimators", "estimator_training", "initial_guess", "options", "survey", "mpi_throughput", "wall_model", "executable", "heat_stepper"]
+SECTIONS = ["overhead", "estimators", "estimator_training", "initial_guess", "newton", "options", "survey", "mpi_throughput", "scaling_model", "isolation", "wall_model", "executable", "heat_stepper", "discrete"]
 
 
 def run_benchmarks(only: list[str] | None = None, quick: bool = False, out: Path = RESULTS) -> dict:

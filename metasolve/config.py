@@ -6,6 +6,9 @@ the file: a typo in a batch job's config should fail in the first second, not af
 from __future__ import annotations
 
 import copy
+import logging
+import math
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,24 +32,30 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
                 "train_tasks": (int, 64), "eval_tasks": (int, 16), "features": (str, "auto")},
     "solver": {"kind": (str, "ksp"), "ksp_type": (str, "cg"), "pc_type": (str, "jacobi"),
                "rtol": (_NUMBER, 1e-6), "atol": (_NUMBER, 1e-50), "max_it": (int, 10_000),
-               "options": (dict, {}), "command": (list, []), "timeout": (_NUMBER, 60.0),
+               "options": ((dict, str), {}), "command": (list, []), "timeout": (_NUMBER, 60.0),
                "isolate": (bool, False)},
     "space": {},
-    "cost": {"kind": (str, "log_residual"), "iterations": (int, 20), "rtol": (_NUMBER, 1e-6),
-             "max_it": (int, 200), "sharpness": (_NUMBER, 4.0)},
+    "cost": {"kind": (str, "residual_area"), "iterations": (int, 20), "rtol": (_NUMBER, 1e-6),
+             "max_it": (int, 1000), "sharpness": (_NUMBER, 4.0), "measure": (str, "flops"),
+             "decades": (_NUMBER, 2.0)},
+    "pretrain": {"enabled": (bool, True)},
     "estimator": {"kind": (str, "control_variate"), "tangents": (int, 1), "difference": (str, "forward"),
                   "eps": (_NUMBER, 1e-3), "distribution": (str, "rademacher"), "combine": (str, "mean"),
+                  "samples": (int, 1), "cost_model": (bool, True), "failure_margin": (_NUMBER, 1.0),
                   "coefficient": ((str, int, float), "scalar"), "decay": (_NUMBER, 0.95),
                   "allocation": (str, "equal"), "alpha": (_NUMBER, 0.5), "memory": (int, 1),
                   "failures": (str, "drop")},
     "surrogate": {"kind": (str, "mlp"), "hidden": (int, 64), "depth": (int, 2), "lr": (_NUMBER, 1e-3), "steps": (int, 1),
                   "value_weight": (_NUMBER, 1.0), "jvp_weight": (_NUMBER, 1.0), "buffer": (int, 4096),
                   "batch_size": (int, 128)},
-    "model": {"kind": (str, "mlp"), "hidden": (int, 64), "depth": (int, 2), "normalize": (bool, True)},
+    # depth 0 (a linear map from standardised features) by default: exact for an initial guess of
+    # a linear problem whose features are linear in b, and fitted in closed form by pretraining
+    # (measured, Poisson1D 8 modes: depth 0 → 58 iterations, depth 2 → 1032, zero guess 1530).
+    "model": {"kind": (str, "mlp"), "hidden": (int, 64), "depth": (int, 0), "normalize": (bool, True)},
     "train": {"steps": (int, 100), "batch_size": (int, 8), "lr": (_NUMBER, 1e-3), "schedule": (str, "constant"),
               "seed": (int, 0),
               "checkpoint_every": (int, 10), "eval_every": (int, 0), "out": (str, "runs/metasolve"),
-              "reference_every": (int, 0)},
+              "reference_every": (int, 0), "max_failed_fraction": (_NUMBER, 1.0), "failure_window": (int, 10)},
     "evaluate": {"rtol": (_NUMBER, 1e-6), "max_it": (int, 10_000)},
     "parallel": {"group_size": (int, 1), "schedule": (str, "balanced")},
 }
@@ -56,7 +65,40 @@ SPACE_PART_SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
                "decay": (_NUMBER, 0.0)},
     "interval": {"kind": (str, REQUIRED), "lo": (_NUMBER, REQUIRED), "hi": (_NUMBER, REQUIRED)},
     "log_interval": {"kind": (str, REQUIRED), "lo": (_NUMBER, REQUIRED), "hi": (_NUMBER, REQUIRED)},
-    "parameters": {"kind": (str, REQUIRED)},  # a calibrated model's own parameters, as many as the family's model has
+    "parameters": {"kind": (str, REQUIRED)},
+    "choice": {"kind": (str, REQUIRED), "choices": (list, REQUIRED)},  # option values, or tables of options
+    "integer": {"kind": (str, REQUIRED), "lo": (int, REQUIRED), "hi": (int, REQUIRED)},  # a calibrated model's own parameters, as many as the family's model has
+}
+
+
+def _at_least(bound: int) -> tuple[Any, str]:
+    return (lambda v: v >= bound), f">= {bound}"
+
+
+_POSITIVE = (lambda v: v > 0), "> 0"
+_NON_NEGATIVE = (lambda v: v >= 0), ">= 0"
+_FRACTION = (lambda v: 0 < v < 1), "in (0, 1)"
+
+# "section.key" -> (predicate, what it must be): ranges a type cannot say. A value outside them
+# would fail later (a ZeroDivisionError after step 1, an IndexError after training, PETSc
+# rejecting a tolerance in every solve) or silently do nothing (steps = 0).
+RANGES: dict[str, tuple[Any, str]] = {
+    "problem.train_tasks": _at_least(1), "problem.eval_tasks": _at_least(1),
+    "solver.rtol": ((lambda v: 0 <= v < 1), "in [0, 1) (PETSc's KSPSetTolerances)"),
+    "solver.atol": _NON_NEGATIVE, "solver.max_it": _at_least(1), "solver.timeout": _POSITIVE,
+    "cost.iterations": _at_least(1), "cost.rtol": _FRACTION, "cost.max_it": _at_least(1), "cost.sharpness": _POSITIVE,
+    "cost.decades": _NON_NEGATIVE,
+    "estimator.tangents": _at_least(1), "estimator.eps": _POSITIVE,
+    "surrogate.hidden": _at_least(1), "surrogate.depth": _at_least(0), "surrogate.lr": _POSITIVE,
+    "surrogate.steps": _at_least(0), "surrogate.value_weight": _NON_NEGATIVE, "surrogate.jvp_weight": _NON_NEGATIVE,
+    "model.hidden": _at_least(1), "model.depth": _at_least(0),
+    "train.steps": _at_least(1), "train.batch_size": _at_least(1), "train.lr": _POSITIVE,
+    "train.checkpoint_every": _at_least(1), "train.eval_every": _at_least(0), "train.reference_every": _at_least(0),
+    "train.max_failed_fraction": ((lambda v: 0 < v <= 1), "in (0, 1]"), "train.failure_window": _at_least(1),
+    "evaluate.rtol": _FRACTION, "evaluate.max_it": _at_least(1),
+    "parallel.group_size": _at_least(1),
+    "vector.modes": ((lambda v: v is None or v >= 1), ">= 1"), "vector.scale": _POSITIVE,
+    "vector.decay": _NON_NEGATIVE,
 }
 
 
@@ -75,7 +117,13 @@ def _check_section(where: str, source: str, given: dict, schema: dict) -> dict:
         if (isinstance(value, bool) and types is not bool) or not isinstance(value, types):
             expected = " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
             raise ConfigError(f"{source}: {where}.{key} must be {expected}, got {type(value).__name__} {value!r}")
+        if types is _NUMBER and not math.isfinite(value):
+            raise ConfigError(f"{source}: {where}.{key} must be a finite number, got {value!r}")
         result[key] = float(value) if types is _NUMBER else value
+        table = given.get("kind") if where.startswith("space.") else where
+        rule = RANGES.get(f"{table}.{key}")
+        if rule is not None and not rule[0](result[key]):
+            raise ConfigError(f"{source}: {where}.{key} must be {rule[1]}, got {value!r}")
     return result
 
 
@@ -95,7 +143,76 @@ def validate(raw: dict, source: str = "<config>") -> dict:
             config[section] = _validate_space(given, source)
         else:
             config[section] = _check_section(section, source, given, schema)
+    _check_across_sections(raw, config, source)
     return config
+
+
+# PETSc options with a key of their own in [solver]: given in both places they would silently
+# override each other (the options database wins over the KSPSetType call).
+_SOLVER_KEYS = {"ksp_type": "ksp_type", "pc_type": "pc_type", "ksp_rtol": "rtol", "ksp_atol": "atol",
+                "ksp_max_it": "max_it"}
+
+
+def parse_options(text: str, where: str = "options") -> dict[str, str]:
+    """A PETSc options string (`"-pc_type sor -pc_sor_forward -pc_sor_omega 1.5"`) as a dict.
+
+    PETSc's own rule: a token starting with '-' that is not a number names an option; the next
+    token is its value unless it names an option too (then the first is a flag, value "").
+    """
+    def is_name(token: str) -> bool:
+        if not token.startswith("-"):
+            return False
+        try:
+            float(token)
+        except ValueError:
+            return True
+        return False
+
+    options: dict[str, str] = {}
+    tokens = shlex.split(text)
+    i = 0
+    while i < len(tokens):
+        if not is_name(tokens[i]):
+            raise ConfigError(f"{where}: value {tokens[i]!r} does not follow an option name")
+        name = tokens[i].lstrip("-")
+        has_value = i + 1 < len(tokens) and not is_name(tokens[i + 1])
+        options[name] = tokens[i + 1] if has_value else ""
+        i += 2 if has_value else 1
+    return options
+
+
+def _check_across_sections(raw: dict, config: dict, source: str) -> None:
+    """Constraints between keys, and PETSc options given twice."""
+    problem, train, solver = config["problem"], config["train"], config["solver"]
+    if train["batch_size"] > problem["train_tasks"]:
+        raise ConfigError(f"{source}: train.batch_size = {train['batch_size']} exceeds problem.train_tasks = "
+                          f"{problem['train_tasks']} (a batch draws distinct training tasks)")
+    if isinstance(solver["options"], str):
+        solver["options"] = parse_options(solver["options"], f"{source}: solver.options")
+    given = raw.get("solver", {})
+    for option, key in _SOLVER_KEYS.items():
+        if option not in solver["options"]:
+            continue
+        if key in given:
+            raise ConfigError(f"{source}: {option} is given twice, as solver.{key} = {given[key]!r} and in "
+                              f"solver.options = {solver['options'][option]!r}; keep one")
+        value = solver["options"].pop(option)
+        types, _ = SCHEMA["solver"][key]
+        try:
+            converted = value if types is str else (float(value) if types is _NUMBER else int(value))
+        except (TypeError, ValueError):
+            raise ConfigError(f"{source}: solver.options {option} = {value!r} is not a valid "
+                              f"{'number' if types is _NUMBER else types.__name__}") from None
+        solver[key] = _check_section("solver", source, {key: converted}, {key: SCHEMA["solver"][key]})[key]
+    for name, value in solver["options"].items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{source}: solver.options {name} must be finite, got {value!r}")
+    for key in ("rtol", "atol", "max_it"):
+        if key in given and given[key] != SCHEMA["solver"][key][1]:  # stated when the file is read
+            later = "; evaluation uses [evaluate] " + key if key != "atol" else ""
+            logging.getLogger("metasolve").warning(
+                "%s: solver.%s = %r is replaced in training by the fixed budget of cost.kind = %r%s",
+                source, key, given[key], config["cost"]["kind"], later)
 
 
 def _validate_space(given: dict, source: str) -> dict:
@@ -109,7 +226,37 @@ def _validate_space(given: dict, source: str) -> dict:
         if kind not in SPACE_PART_SCHEMA:
             raise ConfigError(f"{source}: space.{name}.kind must be one of {sorted(SPACE_PART_SCHEMA)}, got {kind!r}")
         parts[name] = _check_section(f"space.{name}", source, part, SPACE_PART_SCHEMA[kind])
+        if kind == "log_interval" and not parts[name]["lo"] > 0:
+            raise ConfigError(f"{source}: space.{name}.lo must be > 0 for a log_interval, got {parts[name]['lo']!r}")
+        if kind == "choice":
+            _check_choices(name, parts[name]["choices"], source)
+        if kind in ("interval", "log_interval", "integer") and not parts[name]["lo"] < parts[name]["hi"]:
+            raise ConfigError(f"{source}: space.{name} needs lo < hi, got lo = {parts[name]['lo']!r}, "
+                              f"hi = {parts[name]['hi']!r}")
     return parts
+
+
+def _check_choices(name: str, choices: list, source: str) -> None:
+    """At least two distinct choices, all option values or all tables of options (the Choice part's rules)."""
+    tables = [isinstance(c, dict) for c in choices]
+    if len(choices) < 2 or (any(tables) and not all(tables)) or len({repr(c) for c in choices}) != len(choices):
+        raise ConfigError(f"{source}: space.{name}.choices must list at least two distinct choices, all option "
+                          f"values or all tables of options, got {choices!r}")
+
+
+def override(config: dict, changes: dict[str, Any], source: str = "<config>") -> dict:
+    """`config` with dotted keys replaced (`{"train.steps": 150}`), validated again: how a
+    benchmark runs a shipped config at another scale without assembling the experiment by hand."""
+    changed = copy.deepcopy(config)
+    for dotted, value in changes.items():
+        *path, key = dotted.split(".")
+        table = changed
+        for part in path:
+            table = table.setdefault(part, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"{source}: cannot override {dotted}: {part} is not a table")
+        table[key] = value
+    return validate(changed, f"{source} (with {', '.join(changes)} overridden)")
 
 
 def parse_config(text: str, source: str) -> dict:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -9,10 +10,11 @@ import torch
 
 from metasolve.blackbox import BlackBox
 from metasolve.calibration import LogError, RelativeError, SharedParameters
-from metasolve.cost import IterationProxy, Iterations, LogResidual
+from metasolve.cost import IterationProxy, Iterations, LogResidual, LogWorkToTolerance, ResidualArea, Work
 from metasolve.estimators import SPSA, ControlVariate, FiniteDifference, ForwardGradient
+from metasolve.score_function import CostModel, ScoreFunction
 from metasolve.meta_solver import MetaSolver
-from metasolve.params import Interval, LogInterval, Space, Vector
+from metasolve.params import Choice, Integer, Interval, LogInterval, Space, Vector
 from metasolve.surrogate import Surrogate
 from metasolve.train import Trainer
 from problems import make_family
@@ -44,6 +46,10 @@ def build_space(config: dict, example_task: Any, family: Any = None) -> Space:
             parts[name] = Vector(family.parameter_count, basis="identity")
         elif part["kind"] == "interval":
             parts[name] = Interval(part["lo"], part["hi"])
+        elif part["kind"] == "choice":
+            parts[name] = Choice(part["choices"])
+        elif part["kind"] == "integer":
+            parts[name] = Integer(part["lo"], part["hi"])
         else:
             parts[name] = LogInterval(part["lo"], part["hi"])
     return Space(parts)
@@ -55,9 +61,17 @@ def build_cost(config: dict) -> Any:
         return LogResidual(cost["iterations"])
     if cost["kind"] == "iteration_proxy":
         return IterationProxy(cost["rtol"], max_it=cost["max_it"], sharpness=cost["sharpness"])
+    if cost["kind"] == "residual_area":
+        return ResidualArea(cost["rtol"], max_it=cost["max_it"], decades=cost["decades"])
+    if cost["kind"] == "work":
+        return Work(cost["rtol"], max_it=cost["max_it"], sharpness=cost["sharpness"])
+    if cost["kind"] == "log_work":
+        return LogWorkToTolerance(cost["rtol"], max_it=cost["max_it"], measure=cost["measure"])
     if cost["kind"] == "log_error":
         return LogError()
-    raise ValueError(f"cost.kind must be 'log_residual', 'iteration_proxy' or 'log_error', got {cost['kind']!r}")
+    raise ValueError(f"cost.kind must be 'residual_area', 'log_residual', 'iteration_proxy', 'work', 'log_work' "
+                     f"or 'log_error', "
+                     f"got {cost['kind']!r}")
 
 
 def build_oracle(config: dict, executor: Any, family: Any = None) -> Any:
@@ -109,8 +123,10 @@ def build_estimator(config: dict, features: torch.Tensor, theta_dim: int, family
             if not hasattr(family, "surrogate_net"):
                 raise ValueError(f"surrogate.kind = 'family': problem family {config['problem']['family']!r} has none")
             net = family.surrogate_net()
+        elif s["kind"] == "log_affine":  # log-residual of an initial guess under a linear iteration
+            net = Surrogate.log_affine(features.shape[1], theta_dim, seed=config["train"]["seed"])
         elif s["kind"] != "mlp":
-            raise ValueError(f"surrogate.kind must be 'mlp' or 'family', got {s['kind']!r}")
+            raise ValueError(f"surrogate.kind must be 'mlp', 'log_affine' or 'family', got {s['kind']!r}")
         else:
             sample = torch.cat([features, torch.zeros(features.shape[0], theta_dim, dtype=torch.float64)], dim=1)
             net = Surrogate.mlp(features.shape[1], theta_dim, hidden=s["hidden"], depth=s["depth"], inputs=sample)
@@ -119,7 +135,21 @@ def build_estimator(config: dict, features: torch.Tensor, theta_dim: int, family
                               seed=config["train"]["seed"])
         return ControlVariate(base, surrogate, coefficient=spec["coefficient"], decay=spec["decay"],
                               allocation=spec["allocation"])
-    raise ValueError(f"estimator.kind must be forward, control_variate, spsa or finite_difference, got {kind!r}")
+    raise ValueError(f"estimator.kind must be forward, control_variate, spsa, finite_difference or "
+                     f"score_function, got {kind!r}")
+
+
+def build_score_function(config: dict, features: torch.Tensor, space: Space) -> ScoreFunction:
+    """The estimator for discrete parts (Choice, Integer): sampled choices, a cost model as baseline."""
+    spec = config["estimator"]
+    model = None
+    if spec["cost_model"]:
+        n_joint = math.prod(part.n_values for part in space.discrete_parts().values())
+        model = CostModel(features.shape[1], n_joint, hidden=config["surrogate"]["hidden"],
+                          lr=config["surrogate"]["lr"], steps=config["surrogate"]["steps"],
+                          seed=config["train"]["seed"], inputs=features)
+    return ScoreFunction(space, samples=spec["samples"], cost_model=model, failure_margin=spec["failure_margin"],
+                         tangents=spec["tangents"], eps=spec["eps"])
 
 
 def build_schedule(train: dict, optimizer: torch.optim.Optimizer) -> Any:
@@ -140,7 +170,7 @@ def feature_kind(config: dict) -> str:
     kind = config["problem"]["features"]
     if kind != "auto":
         return kind
-    return "family" if any(part["kind"] == "vector" for part in config["space"].values()) else "operator"
+    return "family" if any(part["kind"] in ("vector", "parameters") for part in config["space"].values()) else "operator"
 
 
 def build_experiment(config: dict, executor: Any) -> Experiment:
@@ -161,7 +191,14 @@ def build_experiment(config: dict, executor: Any) -> Experiment:
                                  features=feature_kind(config))
         if config["model"]["normalize"]:
             meta_solver.fit_normalizer(train_tasks)
-    estimator = build_estimator(config, torch.stack([t.features for t in train_tasks]), space.dim, family)
+    features = torch.stack([t.features for t in train_tasks])
+    if config["estimator"]["kind"] == "score_function":
+        estimator = build_score_function(config, features, space)
+    elif space.discrete_parts():
+        raise ValueError(f"the space has discrete parts {sorted(space.discrete_parts())}: they need "
+                         f"estimator.kind = 'score_function', got {config['estimator']['kind']!r}")
+    else:
+        estimator = build_estimator(config, features, space.dim, family)
     blackbox = BlackBox(build_oracle(config, executor, family), space, build_cost(config), estimator,
                         executor=executor, seed=train["seed"], failures=config["estimator"]["failures"])
     optimizer = torch.optim.Adam(meta_solver.parameters(), lr=train["lr"])
@@ -171,7 +208,8 @@ def build_experiment(config: dict, executor: Any) -> Experiment:
                              executor=executor)
     trainer = Trainer(meta_solver, blackbox, optimizer, executor=executor, checkpoint_every=train["checkpoint_every"],
                       seed=train["seed"], scheduler=build_schedule(train, optimizer), reference=reference,
-                      reference_every=train["reference_every"])
+                      reference_every=train["reference_every"], max_failed_fraction=train["max_failed_fraction"],
+                      failure_window=train["failure_window"])
     evaluation = RelativeError() if config["cost"]["kind"] == "log_error" else \
         Iterations(config["evaluate"]["rtol"], config["evaluate"]["max_it"])
     return Experiment(config, family, train_tasks, eval_tasks, meta_solver, blackbox, trainer, evaluation)

@@ -1,15 +1,18 @@
 """Trainer: learning, exact resume, corrupt checkpoints, deployment on a user's KSP."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from metasolve import BlackBox, ControlVariate, FiniteDifference, ForwardGradient, LogResidual, Space, Surrogate, Vector
-from metasolve.checkpoint import list_checkpoints
+from metasolve.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from metasolve.meta_solver import MetaSolver
-from metasolve.train import Trainer
+from metasolve.train import Trainer, TrainingFailed
 from solvers import KSPOracle, LinearSystem, PETSc
+from solvers.outcome import Outcome
 from tests.systems import laplacian_1d
 
 N, MODES = 31, 4
@@ -67,14 +70,15 @@ def test_resume_after_a_kill_gives_the_same_weights(tmp_path):
     assert uninterrupted.blackbox.stats.solves == resumed.blackbox.stats.solves
 
 
-def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path):
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
     train = smooth_tasks(8)
     make_trainer(tmp_path).fit(train, steps=6, batch_size=2)
     newest, previous = list_checkpoints(tmp_path)[:2]
     newest.write_bytes(newest.read_bytes()[:100])
     resumed = make_trainer(tmp_path)
-    with pytest.warns(RuntimeWarning, match="unreadable"):
+    with caplog.at_level("WARNING", logger="metasolve"):
         resumed.fit(train, steps=6, batch_size=2, resume=True)
+    assert f"{newest}: not a readable checkpoint" in caplog.text
     assert resumed.step == 6 and "checkpoint-00000003" in previous.name
 
 
@@ -134,3 +138,55 @@ def test_gradient_cosine_to_a_finite_difference_reference_is_recorded():
     assert len(cosines) == 2 and all(-1.0 <= c <= 1.0 for c in cosines) and max(cosines) > 0
     assert trainer.reference.stats.solves == 2 * 4 * (1 + MODES)
     assert box.stats.solves == 4 * 4 * 3
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_naming_the_file(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (tmp_path / "ran",))
+
+    path = tmp_path / "checkpoint-00000001.pt"
+    torch.save({"step": 1, "payload": Payload()}, path)
+    with pytest.raises(CheckpointError, match=f"{path}: not a readable checkpoint"):
+        load_checkpoint(path)
+    assert not (tmp_path / "ran").exists()
+    path.write_bytes(b"\x80")  # truncated
+    with pytest.raises(CheckpointError, match=str(path)):
+        load_checkpoint(path)
+
+
+class FailsFor:
+    """A real KSPOracle whose solves of the named tasks come back failed (a broken program's
+    output would look the same to the trainer)."""
+
+    def __init__(self, names: set[str]) -> None:
+        self.inner, self.names = KSPOracle(ksp_type="richardson", pc_type="jacobi"), names
+
+    def __call__(self, task, setting=None):
+        if task.name in self.names:
+            return Outcome.failure(f"synthetic failure of {task.name}")
+        return self.inner(task, setting)
+
+
+def test_every_centre_failing_in_the_first_step_stops_with_petscs_message():
+    trainer = make_trainer(control_variate=False)
+    trainer.blackbox.oracle = KSPOracle(ksp_type="richardson", pc_type="sor", options={"pc_sor_omega": "abc"})
+    with pytest.raises(TrainingFailed, match="step 1: 4 of 4 centre solves failed") as error:
+        trainer.fit(smooth_tasks(8), steps=5, batch_size=4)
+    # PETSc's own words for the bad value, the task and the setting that produced it.
+    assert "abc" in str(error.value) and "x0 = <vector of 31>" in str(error.value)
+    assert trainer.step == 1
+
+
+def test_a_failed_fraction_over_a_window_stops_only_when_reached():
+    tasks = smooth_tasks(8)
+    half = {t.name for t in tasks[:4]}
+    survived = make_trainer(control_variate=False)
+    survived.blackbox.oracle, survived.max_failed_fraction = FailsFor(half), 0.9
+    survived.fit(tasks, steps=6, batch_size=8)  # half of every batch fails: survived and counted
+    assert survived.blackbox.stats.failed_centres == 6 * 4
+    stopped = make_trainer(control_variate=False)
+    stopped.blackbox.oracle, stopped.max_failed_fraction = FailsFor(half), 0.5
+    with pytest.raises(TrainingFailed, match="synthetic failure of smooth"):
+        stopped.fit(tasks, steps=6, batch_size=8)
+    assert stopped.step == 1

@@ -1,0 +1,252 @@
+"""What an adversarial user tried, each case kept fixed: `metasolve train` with real PETSc, real
+subprocesses and real signals. Every case ends with a clear message or is survived, with
+nothing lost and nothing left on disk."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from metasolve.checkpoint import list_checkpoints, load_checkpoint
+from metasolve.cli import main
+from tests.mpi_run import REPO_ROOT, run_mpi
+
+TINY = """
+[problem]
+family = "poisson1d"
+params = {{ n = 15 }}
+train_tasks = 8
+eval_tasks = 2
+
+[solver]
+ksp_type = "{ksp_type}"
+pc_type = "{pc_type}"
+{solver}
+
+[space.{part}]
+{space}
+
+[cost]
+kind = "log_residual"
+iterations = 5
+
+[estimator]
+kind = "forward"
+tangents = 1
+eps = 1e-4
+
+[model]
+depth = 0
+
+[pretrain]
+enabled = false          # these tests are about the trainer; pretraining has tests of its own
+
+[train]
+steps = {steps}
+batch_size = 2
+lr = 1e-2
+schedule = "cosine"
+checkpoint_every = {every}
+"""
+X0 = 'kind = "vector"\nmodes = 2\nscale = 0.3'
+
+
+def tiny(tmp_path: Path, name: str = "run.toml", ksp_type: str = "richardson", pc_type: str = "jacobi",
+         solver: str = "", part: str = "x0", space: str = X0, steps: int = 4, every: int = 2) -> Path:
+    path = tmp_path / name
+    path.write_text(TINY.format(ksp_type=ksp_type, pc_type=pc_type, solver=solver, part=part, space=space,
+                                steps=steps, every=every))
+    return path
+
+
+def train(config: Path, out: Path, *flags: str) -> int:
+    return main(["train", str(config), "--out", str(out), "--quiet", *flags])
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    """The model, the optimizer's moments and both random generators of a checkpoint."""
+    state = load_checkpoint(path)
+    moments = {f"optimizer.{i}.{k}": v for i, s in state["optimizer"]["state"].items() for k, v in s.items()}
+    return {**{f"model.{k}": v for k, v in state["model"].items()}, **moments,
+            **{f"generator.{k}": state[k] for k in ("sampler", "blackbox_generator")}}
+
+
+# --- 2. Settings under which every solve fails stop at once, with PETSc's reason -------------
+
+@pytest.mark.parametrize("case, needle", [
+    (dict(ksp_type="cgg"), "cgg"),
+    (dict(pc_type="jacobii"), "jacobii"),
+    (dict(pc_type="sor", solver='options = { pc_sor_omega = "abc" }'), "abc"),
+    (dict(pc_type="sor", part="pc_sor_omega", space='kind = "interval"\nlo = 2.5\nhi = 3.5'), "pc_sor_omega = 3.0"),
+])
+def test_settings_where_every_solve_fails_stop_with_petscs_message(tmp_path, capsys, case, needle):
+    status = train(tiny(tmp_path, **case), tmp_path / "out")
+    error = capsys.readouterr().err
+    assert status == 1, error
+    assert needle in error and "PETSc" in error, error
+    assert not (tmp_path / "out" / "meta_solver.pt").exists()
+    assert not list_checkpoints(tmp_path / "out" / "checkpoints")
+
+
+@pytest.mark.parametrize("line, message", [
+    ("rtol = 2.0", "solver.rtol must be in [0, 1)"), ("rtol = nan", "solver.rtol must be a finite number"),
+    ("max_it = -5", "solver.max_it must be >= 1"), ("atol = -5.0", "solver.atol must be >= 0"),
+    ('options = { ksp_type = "gmres" }', "ksp_type is given twice"),
+])
+def test_settings_that_validation_rejects_run_nothing(tmp_path, capsys, line, message):
+    assert train(tiny(tmp_path, solver=line), tmp_path / "out") == 2
+    error = capsys.readouterr().err
+    assert message in error and str(tmp_path / "run.toml") in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_fail_fast_under_mpi_on_every_rank(tmp_path):
+    """Two ranks: both stop at the same step with the same message and a non-zero exit."""
+    config = tiny(tmp_path, ksp_type="cgg")
+    script = tmp_path / "metasolve_cli.py"
+    script.write_text("import sys\nfrom metasolve.cli import main\nsys.exit(main())\n")
+    done = run_mpi(script, n=2, args=["train", config, "--out", tmp_path / "out", "--quiet"], timeout=120)
+    assert done.returncode != 0
+    assert "cgg" in done.stderr and "failed" in done.stderr, done.stderr
+    assert not (tmp_path / "out" / "meta_solver.pt").exists()
+
+
+# --- 1. A run directory belongs to one run -------------------------------------------------
+
+def test_a_directory_holding_another_run_is_refused_and_left_intact(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert train(tiny(tmp_path, "a.toml"), out) == 0
+    before = {p.name: p.read_bytes() for p in list_checkpoints(out / "checkpoints")}
+    model = (out / "meta_solver.pt").read_bytes()
+    other = tiny(tmp_path, "b.toml", space='kind = "vector"\nmodes = 3\nscale = 0.3')
+    assert train(other, out) == 2
+    assert "space.x0.modes: 2 -> 3" in capsys.readouterr().err
+    assert train(other, out, "--resume") == 2
+    error = capsys.readouterr().err
+    assert "--resume" in error and "space.x0.modes" in error
+    assert {p.name: p.read_bytes() for p in list_checkpoints(out / "checkpoints")} == before
+    assert (out / "meta_solver.pt").read_bytes() == model
+    assert train(other, out, "--overwrite") == 0
+    assert json.loads((out / "run.json").read_text())["config"]["space"]["x0"]["modes"] == 3
+
+
+def test_resume_with_more_steps_extends_the_cosine_schedule(tmp_path):
+    out = tmp_path / "out"
+    assert train(tiny(tmp_path, steps=4), out) == 0
+    assert train(tiny(tmp_path, steps=10), out, "--resume") == 0
+    state = load_checkpoint(list_checkpoints(out / "checkpoints")[0])
+    assert state["step"] == 10
+    # lr after step s of a cosine over 10 steps: 1e-2 (1 + cos(pi s/10))/2; the old 4-step
+    # period would have climbed back to 1e-2 by step 8.
+    lr = state["optimizer"]["param_groups"][0]["lr"]
+    assert lr == pytest.approx(0.0, abs=1e-12)
+    step8 = load_checkpoint(out / "checkpoints" / "checkpoint-00000008.pt")
+    assert step8["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-2 * (1 + math.cos(0.8 * math.pi)) / 2,
+                                                                         rel=1e-9)
+    assert state["scheduler"]["T_max"] == 10
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in history] == list(range(1, 11))
+
+
+def test_pruning_keeps_this_runs_newest_checkpoints_and_clears_stale_temporaries(tmp_path):
+    out = tmp_path / "out"
+    (out / "checkpoints").mkdir(parents=True)
+    stale = out / "checkpoints" / ".checkpoint-abc.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    assert train(tiny(tmp_path, steps=7, every=1), out) == 0
+    assert not stale.exists()
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["checkpoint-00000007.pt",
+                                                                      "checkpoint-00000006.pt"]
+
+
+def test_corrupt_checkpoints_fall_back_then_refuse_rather_than_restart(tmp_path, capsys):
+    out = tmp_path / "out"
+    config = tiny(tmp_path, steps=4, every=1)
+    assert train(config, out) == 0
+    newest, previous = list_checkpoints(out / "checkpoints")
+    newest.write_bytes(newest.read_bytes()[:100])
+    assert train(tiny(tmp_path, steps=6, every=1), out, "--resume") == 0  # from step 3
+    assert "checkpoint-00000004.pt: not a readable checkpoint" in capsys.readouterr().err
+    for path in list_checkpoints(out / "checkpoints"):
+        path.write_bytes(os.urandom(64))
+    assert train(tiny(tmp_path, steps=8, every=1), out, "--resume") == 1
+    assert "no intact checkpoint" in capsys.readouterr().err
+    assert len(list_checkpoints(out / "checkpoints")) == 2  # the evidence is not deleted
+
+
+# --- 4. Metrics stay valid JSON ------------------------------------------------------------
+
+def test_metrics_are_strict_json(tmp_path):
+    out = tmp_path / "out"
+    assert train(tiny(tmp_path), out) == 0
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda name: pytest.fail(f"non-JSON constant {name} in {line}"))
+
+
+# --- 5. SIGTERM / SIGINT: checkpoint the last step, exit 128 + signal, resume bitwise ------
+
+def signalled_run(config: Path, out: Path, signum: int, steps: int) -> int:
+    """`metasolve train` in a process of its own, sent `signum` once 3 steps are done; the step it
+    stopped after. The environment is the test's own (same BLAS threading as in-process runs)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    process = subprocess.Popen([sys.executable, "-m", "metasolve.cli", "train", str(config), "--out", str(out),
+                                "--quiet"], cwd=REPO_ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    while process.poll() is None and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.02)
+    process.send_signal(signum)
+    _, error = process.communicate(timeout=300)
+    assert process.returncode == 128 + signum, error
+    (checkpoint,) = list_checkpoints(out / "checkpoints")
+    stopped = load_checkpoint(checkpoint)["step"]
+    assert 3 <= stopped < steps and f"after step {stopped}" in error
+    assert not list((out / "checkpoints").glob(".checkpoint-*.tmp"))
+    assert not (out / "meta_solver.pt").exists()
+    return stopped
+
+
+def test_sigint_checkpoints_the_last_step_and_exits_130(tmp_path):
+    signalled_run(tiny(tmp_path, steps=150, every=1000), tmp_path / "out", signal.SIGINT, 150)
+
+
+def test_sigterm_checkpoints_and_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
+    steps = 150
+    config = tiny(tmp_path, steps=steps, every=1000)
+    out = tmp_path / "killed"
+    signalled_run(config, out, signal.SIGTERM, steps)
+    assert train(config, out, "--resume") == 0
+    assert train(config, tmp_path / "uninterrupted") == 0
+    resumed = weights(list_checkpoints(out / "checkpoints")[0])
+    straight = weights(list_checkpoints(tmp_path / "uninterrupted" / "checkpoints")[0])
+    assert resumed.keys() == straight.keys()
+    assert all(torch.equal(resumed[k], straight[k]) for k in resumed)
+
+
+# --- #9: no silent non-learning ------------------------------------------------------------
+
+def test_a_run_that_learns_nothing_says_so_with_a_likely_cause(tmp_path, caplog):
+    """A setting the cost cannot see (an x0 scaled by 1e-30 is below b's round-off): the trainer
+    must say that the held-out cost did not move, and why."""
+    config = tiny(tmp_path, space='kind = "vector"\nmodes = 2\nscale = 1e-30', steps=4)
+    with caplog.at_level("INFO", logger="metasolve"):
+        assert train(config, tmp_path / "out") == 0
+    text = caplog.text
+    assert "held-out cost: untrained" in text
+    assert "training did not lower the held-out cost" in text and "does not change with the setting" in text
+    report = json.loads((tmp_path / "out" / "evaluation.json").read_text())["held_out_training_cost"]
+    assert report["relative_improvement"] < 0.01 and report["causes"]
+    assert math.isfinite(report["untrained_cost"])
+
+
+def test_bench_outside_a_clone_says_it_is_a_repository_command(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "benchmarks", None)
+    assert main(["bench", "--quick"]) == 2
+    assert "repository command" in capsys.readouterr().err
