@@ -1,0 +1,123 @@
+"""Train a config as `metasolve train` does, timing each part of every step; run under mpiexec.
+
+Usage: mpi_step.py CONFIG.toml OUT_DIR. Rank 0 writes OUT_DIR/step.json (seconds per part per
+rank, each step's per-rank solve time, the training's wall time, the cost of one all-gather of a
+step's results) and OUT_DIR/weights.pt.
+
+Parts of a step (wall time; they add up to the step):
+- `network`: the meta-solver's forward pass (its backward is in `other`),
+- `solve`: this rank's own solves (`fn` calls inside `executor.map`),
+- `gather`: the rest of `executor.map` — waiting at the all-gather for slower ranks, plus the
+  all-gather itself and unpacking the results,
+- `estimator`: the gradient estimate, replicated on every rank, without the surrogate update,
+- `surrogate`: the surrogate's update, replicated on every rank,
+- `other`: everything else (loss, network backward, optimizer step, bookkeeping).
+`instrument` wraps bound methods of one run's objects; nothing in the library is changed.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+PARTS = ("network", "solve", "gather", "estimator", "surrogate", "other")
+
+
+def instrument(experiment: Any, executor: Any) -> tuple[dict, list]:
+    """Timers around this experiment's parts; returns (seconds per part, solve seconds per map call)."""
+    parts = {name: 0.0 for name in PARTS}
+    solve_per_call: list[float] = []
+
+    def timed(name: str, method: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            begin = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                parts[name] += time.perf_counter() - begin
+        return wrapper
+
+    original_map = executor.map
+
+    def timed_map(fn: Any, items: Any, keys: Any = None) -> list:
+        busy = [0.0]
+
+        def timed_fn(item: Any) -> Any:
+            begin = time.perf_counter()
+            try:
+                return fn(item)
+            finally:
+                busy[0] += time.perf_counter() - begin
+
+        begin = time.perf_counter()
+        result = original_map(timed_fn, items, keys=keys)
+        parts["solve"] += busy[0]
+        parts["gather"] += time.perf_counter() - begin - busy[0]
+        solve_per_call.append(busy[0])
+        return result
+
+    executor.map = timed_map
+    meta_solver, estimator = experiment.meta_solver, experiment.blackbox.estimator
+    meta_solver.forward = timed("network", meta_solver.forward)
+    surrogate = getattr(estimator, "surrogate", None)
+    if surrogate is not None:
+        surrogate.update = timed("surrogate", surrogate.update)
+    estimator.gradient = timed("estimator", estimator.gradient)
+    return parts, solve_per_call
+
+
+def finish(parts: dict, history: list) -> dict:
+    """Close the books after `fit`: the update ran inside the estimate; `other` is the remainder."""
+    parts = dict(parts)
+    parts["estimator"] -= parts["surrogate"]
+    parts["other"] = sum(row["seconds"] for row in history) - sum(v for k, v in parts.items() if k != "other")
+    return parts
+
+
+def allgather_seconds(comm: Any, item: Any, items: int, repeats: int = 200) -> float:
+    """Seconds of one all-gather of a step's results (`items` copies of `item`, split over ranks)."""
+    from mpi4py import MPI
+
+    share = [item] * -(-items // comm.Get_size())
+    comm.Barrier()
+    begin = time.perf_counter()
+    for _ in range(repeats):
+        comm.allgather(share)
+    return comm.allreduce(time.perf_counter() - begin, op=MPI.MAX) / repeats
+
+
+def main(config_path: str, out: Path) -> None:
+    import torch
+
+    from metasolve.cli import make_executor
+    from metasolve.config import load_config
+    from metasolve.experiment import build_experiment
+    from solvers._petsc import MPI
+
+    torch.set_num_threads(1)
+    config = load_config(config_path)
+    executor = make_executor(**config["parallel"])
+    experiment = build_experiment(config, executor)
+    trainer = experiment.trainer
+    trainer.progress = False
+    parts, solve_per_call = instrument(experiment, executor)
+    executor.barrier()
+    begin = time.perf_counter()
+    history = trainer.fit(experiment.train_tasks, config["train"]["steps"], config["train"]["batch_size"])
+    seconds = time.perf_counter() - begin
+    per_point = 1 + config["estimator"]["tangents"] * (2 if config["estimator"]["difference"] == "central" else 1)
+    gather = allgather_seconds(MPI.COMM_WORLD, [0.1] * per_point, config["train"]["batch_size"])
+    everything = MPI.COMM_WORLD.gather({"parts": finish(parts, history), "solve_per_step": solve_per_call}, root=0)
+    if executor.is_root:
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save(experiment.meta_solver.state_dict(), out / "weights.pt")
+        (out / "step.json").write_text(json.dumps({
+            "ranks": executor.size, "steps": len(history), "seconds": seconds, "allgather_seconds": gather,
+            "step_seconds": [row["seconds"] for row in history], "per_rank": everything,
+            "failed": history[-1]["failed_queries"] + history[-1]["failed_centres"]}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], Path(sys.argv[2]))
