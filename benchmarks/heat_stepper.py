@@ -33,8 +33,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -229,7 +231,8 @@ def run(out: Path, quick: bool = False) -> dict:
     start = time.perf_counter()
     meta, trainer = train(oracle, train_tasks, budget)
     training_runs = trainer.blackbox.stats.solves
-    model = out / "heat_stepper_model.pt"
+    scratch = Path(tempfile.mkdtemp(prefix="heat-stepper-"))  # the model file and the job directories
+    model = scratch / "model.pt"
     save_for_program(model, meta, Delivery(FEATURES, prefix=PREFIX))
     phases["training"] = time.perf_counter() - start
 
@@ -244,7 +247,8 @@ def run(out: Path, quick: bool = False) -> dict:
     phases["per-run grid"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    delivered = [delivered_run(program, t, model, out / "heat_stepper_jobs" / t.name) for t in eval_tasks]
+    delivered = [delivered_run(program, t, model, scratch / t.name) for t in eval_tasks]
+    shutil.rmtree(scratch)
     phases["predict + delivered runs"] = time.perf_counter() - start
 
     start = time.perf_counter()
