@@ -252,15 +252,17 @@ class ExecutableOracle:
         out_path, err_path = os.path.join(directory, "stdout.txt"), os.path.join(directory, "stderr.txt")
         marker = new_marker()
         start = time.perf_counter()
-        with open(out_path, "wb") as out, open(err_path, "wb") as err:
-            try:
+        process, since = None, 0
+        try:
+            with open(out_path, "wb") as out, open(err_path, "wb") as err:
                 process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                            env={**child_environment(), MARKER: marker}, start_new_session=True)
-            except OSError as error:
-                return Outcome.failure(f"cannot start {argv[0]!r}: {error}")
-        since = start_ticks(process.pid)
-        try:
+            since = start_ticks(process.pid)
             timed_out = not wait(process, self.timeout)
+        except OSError as error:
+            if process is not None:
+                raise
+            return Outcome.failure(f"cannot start {argv[0]!r}: {error}")
         finally:
             seconds = time.perf_counter() - start
             kill_tree(process, marker, since)  # also whatever the program left running behind it

@@ -99,21 +99,24 @@ def tree(root: int | None, marker: str, since: int = 0) -> set[int]:
     return (members & live) - {os.getpid()}
 
 
-def kill_tree(process: subprocess.Popen, marker: str, since: int = 0) -> None:
+def kill_tree(process: subprocess.Popen | None, marker: str, since: int = 0) -> None:
     """SIGKILL the program's process group and every process of its tree, then reap the program.
 
     Repeated until a scan finds nothing, since a process may fork between a scan and its kill.
     Once the program itself is reaped its pid may be reused, so only the marker finds its
-    leftovers. SIGTERM/SIGINT wait (blocked) until the tree is gone.
+    leftovers; the marker alone also finds a program whose Popen was cut short (process None).
+    SIGTERM/SIGINT wait (blocked) until the tree is gone.
     """
     with signals_blocked():
-        if process.poll() is None:
+        running = process is not None and process.poll() is None
+        if running:
             try:
                 os.killpg(process.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
         for _ in range(_KILL_ROUNDS):
-            members = tree(process.pid if process.poll() is None else None, marker, since)
+            running = running and process.poll() is None
+            members = tree(process.pid if running else None, marker, since)
             if not members:
                 break
             for pid in members:
@@ -122,7 +125,8 @@ def kill_tree(process: subprocess.Popen, marker: str, since: int = 0) -> None:
                 except (ProcessLookupError, PermissionError):
                     pass
             time.sleep(_KILL_PAUSE)  # SIGKILL is asynchronous: let the kernel finish before rescanning
-        process.wait()
+        if process is not None:
+            process.wait()
 
 
 def wait(process: subprocess.Popen, timeout: float | None) -> bool:
