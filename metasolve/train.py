@@ -405,14 +405,17 @@ class Trainer:
                           f"changed it by {change:.2g}): the option may not act on this solver, or the cost's "
                           f"budget ({box.cost!r}) does not see its effect.")
         moved = float((theta - self.untrained["theta"]).pow(2).mean().sqrt())
-        losses = [r["loss"] for r in self.history if math.isfinite(r.get("loss", math.nan))]
+        losses = np.array([r["loss"] for r in self.history if math.isfinite(r.get("loss", math.nan))])
         tenth = max(1, len(losses) // 10)
-        if len(losses) >= 2 and np.mean(losses[-tenth:]) > np.mean(losses[:tenth]):
-            causes.append(f"the training cost rose ({np.mean(losses[:tenth]):.4g} -> {np.mean(losses[-tenth:]):.4g} "
-                          f"over the first and last tenth of the steps): the learning rate is likely too large.")
-        elif moved < 1e-2:
+        first, last = losses[:tenth], losses[-tenth:]
+        # A rise counts only beyond batch-to-batch noise: two standard errors of a tenth's mean.
+        noise = 2 * float(losses.std()) * math.sqrt(2 / tenth) if len(losses) > 1 else math.inf
+        if moved < 1e-2:
             causes.append(f"θ barely moved (RMS change {moved:.2g} in raw θ): the learning rate is likely too small, "
                           f"or the space's scale makes useful settings need very large raw θ (θ scaling).")
+        elif len(losses) > 1 and last.mean() - first.mean() > noise:
+            causes.append(f"the training cost rose ({first.mean():.4g} -> {last.mean():.4g} over the first and last "
+                          f"tenth of the steps): the learning rate is likely too large.")
         if isinstance(self.meta_solver, MetaSolver) and bool(torch.all(self.meta_solver.feature_scale == 1)):
             spread = torch.stack([t.features for t in tasks]).std(0)
             spread = spread[spread > 0]

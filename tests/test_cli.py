@@ -1,10 +1,12 @@
 """The `metasolve` command the PETSc way: options after `--` (`-log_view`, `-options_file`,
-`-help`), options strings in TOML, and output that suits a log file."""
+`-help`) and output that suits a log file."""
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+
+import pytest
 
 from metasolve.cli import main
 from solvers import PETSc
@@ -16,6 +18,7 @@ def train(config, out, *extra: str) -> int:
     return main(["train", str(config), "--out", str(out), *extra])
 
 
+@pytest.mark.slow  # a process of its own: -log_view prints when PETSc finalizes at exit
 def test_log_view_after_double_dash_shows_the_trainers_stages(tmp_path):
     config = tiny(tmp_path, steps=2)
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
