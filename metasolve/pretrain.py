@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import scipy.optimize
 import torch
 from torch import nn
 
@@ -139,26 +140,35 @@ def _fit_last_layer(layer: nn.Linear, H: torch.Tensor, T: torch.Tensor, columns:
 
 def _fit_network(meta_solver: nn.Module, features: torch.Tensor, T: torch.Tensor, columns: torch.Tensor,
                  iterations: int) -> None:
-    """L-BFGS on the mean squared θ error of the guess columns; the other outputs are held at
-    their current values (a squared penalty), so pretraining changes only the guess."""
+    """L-BFGS (SciPy's, on torch gradients) on the mean squared θ error of the guess columns; the
+    other outputs are held at their current values (a squared penalty), so pretraining changes
+    only the guess."""
     with torch.no_grad():
         held = meta_solver(features)
     others = torch.ones(held.shape[1], dtype=torch.bool)
     others[columns] = False
-    optimizer = torch.optim.LBFGS(meta_solver.parameters(), lr=1.0, max_iter=iterations,
-                                  tolerance_grad=1e-12, tolerance_change=1e-15, line_search_fn="strong_wolfe")
     weight = 1.0 / max(float(T.pow(2).mean()), 1e-300)
+    parameters = list(meta_solver.parameters())
 
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
+    def loss_and_gradient(flat: np.ndarray) -> tuple[float, np.ndarray]:
+        torch.nn.utils.vector_to_parameters(torch.from_numpy(flat), parameters)
+        for parameter in parameters:
+            parameter.grad = None
         theta = meta_solver(features)
         loss = weight * (theta[:, columns] - T).pow(2).mean()
         if others.any():
             loss = loss + weight * (theta[:, others] - held[:, others]).pow(2).mean()
         loss.backward()
-        return loss
+        gradient = torch.nn.utils.parameters_to_vector([p.grad for p in parameters])
+        return float(loss.detach()), gradient.detach().numpy().astype(np.float64)
 
-    optimizer.step(closure)
+    start = torch.nn.utils.parameters_to_vector(parameters).detach().numpy().astype(np.float64)
+    result = scipy.optimize.minimize(loss_and_gradient, start, jac=True, method="L-BFGS-B",
+                                     options={"maxiter": iterations, "gtol": 1e-12, "ftol": 1e-15})
+    with torch.no_grad():
+        torch.nn.utils.vector_to_parameters(torch.from_numpy(result.x), parameters)
+    for parameter in parameters:
+        parameter.grad = None
 
 
 def pretrain(meta_solver: nn.Module, blackbox: Any, tasks: Sequence[Any], iterations: int = 500) -> PretrainReport:

@@ -114,6 +114,9 @@ class BratuSolve:
 
     outcome: Outcome
     level_iterations: list[int]
+    cpu_seconds: float = 0.0
+    """Process CPU time of SNESSolve: on a shared machine, the part of the wall time the solve
+    actually computed."""
 
 
 class BratuOracle:
@@ -126,6 +129,9 @@ class BratuOracle:
     """
 
     return_solution = True
+    COST_BUDGET = frozenset({"ksp_max_it", "ksp_rtol", "ksp_atol"})
+    """The linear-solver budget a training or evaluation cost sends (`Cost.overrides`): a Newton
+    solve with LU has no such budget and stops at its own tolerance, so these keys are dropped."""
 
     def __init__(self, rtol: float = 1e-10, max_it: int = 50, options: Mapping[str, Any] | None = None) -> None:
         if not 0 < rtol < 1 or max_it < 1:
@@ -148,7 +154,7 @@ class BratuOracle:
                 u0 = np.asarray(value, dtype=np.float64)
                 if u0.shape != (task.size,) or not np.all(np.isfinite(u0)):
                     raise ValueError(f"u0 must be {task.size} finite interior values, got shape {u0.shape}")
-            else:
+            elif option_name(key) not in self.COST_BUDGET:
                 options[option_name(key)] = value
         levels = int(options.get("snes_grid_sequence", 0))
         coarse = (task.n - 1) / 2 ** levels + 1
@@ -187,15 +193,18 @@ class BratuOracle:
             else:
                 x.setArray(embed(u0, m).ravel())
             setup_seconds = time.perf_counter() - begin
-            start, start_flops = time.perf_counter(), PETSc.Log.getFlops()
+            start, start_cpu, start_flops = time.perf_counter(), time.process_time(), PETSc.Log.getFlops()
             try:
                 snes.solve(None, x)
             except PETSc.Error as error:
                 message = failure[0] if failure else f"PETSc error in SNESSolve: {error}"
                 return BratuSolve(Outcome.failure(message, seconds=time.perf_counter() - start), [])
             seconds, flops = time.perf_counter() - start, PETSc.Log.getFlops() - start_flops
+            cpu_seconds = time.process_time() - start_cpu
             reason = int(snes.getConvergedReason())
-            solution = snes.getSolution().getArray().reshape(task.n, task.n)[1:-1, 1:-1].ravel().copy()
+            final_grid = snes.getSolution().getSize() == task.n ** 2
+            solution = snes.getSolution().getArray().reshape(task.n, task.n)[1:-1, 1:-1].ravel().copy() \
+                if final_grid else None
         finally:
             snes.destroy()
             da.destroy()
@@ -203,11 +212,13 @@ class BratuOracle:
         level_iterations = [sizes.count(size) - 1 for size in dict.fromkeys(sizes)]
         final = np.array([norm for size, norm in history if size == task.n])
         error = failure[0] if failure else (None if reason > 0 else f"SNES did not converge (reason {reason})")
+        if error is None and solution is None:  # grid sequencing gave up on a coarser grid
+            error = f"SNES stopped on a coarser grid ({sizes[-1]} x {sizes[-1]}, reason {reason})"
         outcome = Outcome(residuals=final, iterations=len(final) - 1, reason=reason, converged=error is None,
                           seconds=seconds, solution=solution, error=error, setup_seconds=setup_seconds,
                           hit_max_it=reason == PETSc.SNES.ConvergedReason.DIVERGED_MAX_IT, norm_type="function",
                           flops=flops)
-        return BratuSolve(outcome, level_iterations)
+        return BratuSolve(outcome, level_iterations, cpu_seconds)
 
     @staticmethod
     def _function(lam: float, failure: list[str]):

@@ -54,11 +54,11 @@ def test_pretrain_fits_an_mlp_and_leaves_other_outputs_alone():
 
     family = Poisson1D(31, difficult_fraction=1.0)
     space = Space({"pc_sor_omega": Interval(1.0, 2.0), "x0": Vector(31, basis="sine", modes=2)})
-    meta = MetaSolver(family.feature_dim, space, hidden=16, depth=1)
+    meta = MetaSolver(family.feature_dim, space, hidden=8, depth=1)
     train = family.train_tasks(48)
     meta.fit_normalizer(train)
     features = torch.stack([t.features for t in train])
-    report = pretrain(meta, _box(space), train, iterations=300)
+    report = pretrain(meta, _box(space), train, iterations=20)
     with torch.no_grad():
         theta = meta(features)
     assert report.fit_rms < 0.02 * report.target_rms, report.describe()
