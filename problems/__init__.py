@@ -8,10 +8,12 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+from problems.bratu import Bratu
 from problems.channel import ChannelFamily
 from problems.convdiff import ConvDiff
 from problems.diffusion import Diffusion
 from problems.family import EVAL_OFFSET, Family, Task
+from problems.mixed import Mixed
 from problems.poisson import Poisson1D, Poisson2D
 
 FAMILIES: dict[str, type[Family]] = {
@@ -19,7 +21,9 @@ FAMILIES: dict[str, type[Family]] = {
     "poisson2d": Poisson2D,
     "diffusion": Diffusion,
     "convdiff": ConvDiff,
+    "mixed": Mixed,
     "channel": ChannelFamily,
+    "bratu": Bratu,
 }
 
 
@@ -36,5 +40,5 @@ def make_family(name: str, **params: Any) -> Family:
     return family(**params)
 
 
-__all__ = ["EVAL_OFFSET", "FAMILIES", "ChannelFamily", "ConvDiff", "Diffusion", "Family", "Poisson1D", "Poisson2D", "Task",
+__all__ = ["EVAL_OFFSET", "FAMILIES", "Bratu", "ChannelFamily", "ConvDiff", "Diffusion", "Family", "Mixed", "Poisson1D", "Poisson2D", "Task",
            "make_family"]
