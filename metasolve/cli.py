@@ -45,7 +45,7 @@ def _baseline(config: dict) -> dict:
     """The setting the learned one is compared with: the solver as configured, with no options
     changed and a zero initial guess — named for what the config learns."""
     learned = config["space"]
-    name = "zero guess" if list(learned) == ["x0"] else "configured defaults"
+    name = "zero guess" if list(learned) in (["x0"], ["u0"]) else "configured defaults"
     return {name: {}}
 
 
