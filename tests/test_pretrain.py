@@ -72,3 +72,17 @@ def test_pretrain_refuses_a_space_without_a_guess():
     meta = MetaSolver(31, space, depth=0)
     with pytest.raises(ValueError, match="no Vector part named x0"):
         pretrain(meta, _box(space), Poisson1D(31).train_tasks(4))
+
+
+def test_hand_over_caps_the_learning_rate_at_the_regressions_leave_one_out_error():
+    from metasolve.pretrain import PretrainReport, hand_over
+
+    space = Space({"x0": Vector(31, basis="sine", modes=4)})
+    meta = MetaSolver(15, space, depth=0)
+    optimizer = torch.optim.Adam(meta.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=10)
+    report = PretrainReport(solves=8, failed=0, fit_rms=0.0, target_rms=1.0, loo_rms=4e-4, ridge=0.0, seconds=0.0)
+    assert hand_over(optimizer, scheduler, report, meta) == pytest.approx(1e-4)  # 4e-4/√(15 + 1)
+    assert scheduler.base_lrs == [pytest.approx(1e-4)]
+    loose = PretrainReport(solves=8, failed=0, fit_rms=0.0, target_rms=1.0, loo_rms=1.0, ridge=0.0, seconds=0.0)
+    assert hand_over(optimizer, scheduler, loose, meta) == pytest.approx(1e-4)  # never raised
