@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from metasolve.checkpoint import list_checkpoints
+from metasolve.checkpoint import list_checkpoints, load_latest
 
 log = logging.getLogger("metasolve")
 RECORD = "run.json"
@@ -99,9 +99,14 @@ def claim(out: Path, config: dict, resume: bool = False, overwrite: bool = False
         remove_run(out)
     else:
         previous = _recorded(out)
-        if previous is None and _holds_a_run(out):
+        if previous is None and not resume and _holds_a_run(out):
             raise RunDirectoryError(f"{out} holds checkpoints or a model of a run with no record ({RECORD}); "
-                                    f"use --overwrite to replace it, or choose another --out")
+                                    f"use --resume to continue it, --overwrite to replace it, or choose another --out")
+        if previous is None and resume and _holds_a_run(out):
+            # A run with no record (written before records existed): its newest checkpoint says.
+            found = load_latest(out / "checkpoints")
+            metadata = found[1].get("metadata", {}) if found else {}
+            previous = {"config": metadata["config"], "code": metadata.get("code")} if "config" in metadata else None
         if previous is not None and not resume and _holds_a_run(out):
             differences = config_differences(previous.get("config", {}), config, accepted=())
             what = f"a run with a different config ({'; '.join(differences)})" if differences else "a run of this config"

@@ -140,6 +140,18 @@ def test_a_directory_holding_another_run_is_refused_and_left_intact(tmp_path, ca
     assert json.loads((out / "run.json").read_text())["config"]["space"]["x0"]["modes"] == 3
 
 
+def test_without_a_run_record_the_checkpoints_own_config_decides(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert train(tiny(tmp_path, "a.toml"), out) == 0
+    (out / "run.json").unlink()  # a run written before run records existed
+    other = tiny(tmp_path, "b.toml", space='kind = "vector"\nmodes = 3\nscale = 0.3')
+    assert train(other, out) == 2
+    assert "no record" in capsys.readouterr().err
+    assert train(other, out, "--resume") == 2
+    assert "--resume: " in capsys.readouterr().err and not (out / "run.json").exists()
+    assert train(tiny(tmp_path, "a.toml", steps=6), out, "--resume") == 0  # its own config: resumed
+
+
 def test_resume_with_more_steps_extends_the_cosine_schedule(tmp_path):
     out = tmp_path / "out"
     assert train(tiny(tmp_path, steps=4), out) == 0
