@@ -62,7 +62,8 @@ class BlackBox:
     pointing away from it). A failed centre always costs `failure_value` and gets a zero gradient.
     Every failure is counted (`stats`), listed in `last_failures` as (task name, the solver's error
     text) for the latest forward, and reported through the `metasolve` logger: one record per
-    round, identical messages grouped with their count, a message already reported at DEBUG level.
+    round, identical messages grouped with their count; a round whose error texts were all reported
+    before (for any task) goes to DEBUG, so a recurring divergence warns once, not every step.
     """
 
     FAILURES = ("drop", "penalize")
@@ -143,7 +144,8 @@ class BlackBox:
         if not errors:
             return
         grouped = Counter((name, text) for name, text, _ in errors)
-        fresh = [key for key in grouped if key not in self.failure_counts]
+        seen = {text for _, text in self.failure_counts}
+        fresh = [text for _, text in grouped if text not in seen]
         self.failure_counts.update(grouped)
         lines = "; ".join(f"{name}: {text}" + (f" (x{count})" if count > 1 else "")
                           for (name, text), count in grouped.items())
