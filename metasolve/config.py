@@ -45,7 +45,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
                   "coefficient": ((str, int, float), "scalar"), "decay": (_NUMBER, 0.95),
                   "allocation": (str, "equal"), "alpha": (_NUMBER, 0.5), "memory": (int, 1),
                   "failures": (str, "drop")},
-    "surrogate": {"kind": (str, "mlp"), "hidden": (int, 64), "depth": (int, 2), "lr": (_NUMBER, 1e-3), "steps": (int, 1),
+    "surrogate": {"kind": (str, "mlp"), "hidden": (int, 64), "depth": (int, 2), "lr": (_NUMBER, 1e-3), "steps": (int, 8),
                   "value_weight": (_NUMBER, 1.0), "jvp_weight": (_NUMBER, 1.0), "buffer": (int, 4096),
                   "batch_size": (int, 128)},
     # depth 0 (a linear map from standardised features) by default: exact for an initial guess of
