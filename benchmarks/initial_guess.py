@@ -41,7 +41,7 @@ import torch  # noqa: E402
 from metasolve import (BlackBox, ControlVariate, Exact, FiniteDifference, ForwardGradient, Iterations,  # noqa: E402
                        LogResidual, MetaSolver, Space, Surrogate, Trainer, Vector)
 from metasolve.cost import ResidualArea  # noqa: E402
-from metasolve.pretrain import hand_over, pretrain  # noqa: E402
+from metasolve.pretrain import hand_over, keep_better, pretrain  # noqa: E402
 from metasolve.report import markdown_table  # noqa: E402
 from problems import Diffusion, Poisson2D  # noqa: E402
 from solvers import KSPOracle, PETSc, cg_residuals  # noqa: E402
@@ -90,7 +90,8 @@ def petsc_guess_iterations(tasks: list, solver: dict, guess: str, size: int) -> 
     return results
 
 
-def train(train_tasks: list, solver: dict, method: str, steps: int, seed: int, space: Space) -> Trainer:
+def train(train_tasks: list, solver: dict, method: str, steps: int, seed: int, space: Space,
+          family=None) -> Trainer:
     torch.manual_seed(seed)
     feature_dim = train_tasks[0].features.shape[0]
     meta = MetaSolver(feature_dim, space, depth=0)
@@ -106,8 +107,11 @@ def train(train_tasks: list, solver: dict, method: str, steps: int, seed: int, s
         report = pretrain(meta, box, train_tasks)
         trainer.pretrain_report = report.describe()
         if method == "regression + through-solver":
+            pretrained = {k: v.clone() for k, v in meta.state_dict().items()}
             hand_over(optimizer, scheduler, report, meta)
             trainer.fit(train_tasks, steps, BATCH)
+            validation = family.tasks(range(len(train_tasks), len(train_tasks) + 16))
+            trainer.pretrain_report += f"; {keep_better(meta, box, pretrained, validation)}"
         return trainer
     if method == "forward gradient":
         estimator = base
@@ -159,7 +163,7 @@ def run(out: Path, quick: bool = False) -> dict:
             for seed in (seeds if method in methods and method != PRETRAINED[0] else seeds[:1]):
                 ceiling_steps = max(steps // 5, 10) if method == "finite differences" else steps
                 begin = time.perf_counter()
-                trainer = train(train_tasks, solver, method, ceiling_steps, seed, space)
+                trainer = train(train_tasks, solver, method, ceiling_steps, seed, space, family)
                 train_seconds = time.perf_counter() - begin
                 learned = trainer.evaluate(eval_tasks, cost=Iterations(RTOL, 20_000), baselines={})["learned"]
                 results.setdefault(method, []).append({**learned, "solves": trainer.blackbox.stats.solves,

@@ -84,10 +84,23 @@ def train(config: dict, out: Path, resume: bool = False, quiet: bool = False,
     resumed = resume and any((out / "checkpoints").glob("*.pt"))
     if not resumed:  # a broken setting stops here, before pretraining or training spends solves
         trainer.preflight(experiment.eval_tasks)
-    _pretrain(config, experiment, executor, resumed=resumed)
+    pretrained = _pretrain(config, experiment, executor, resumed=resumed)
+    kept_path = out / "pretrained.pt"  # a resumed run still compares with the pretrained weights
+    if pretrained is not None:
+        _on_root(executor, lambda: torch.save(pretrained, kept_path))
+    elif resumed:
+        pretrained = _on_root(executor, lambda: torch.load(kept_path, weights_only=True) if kept_path.exists() else None)
     history = trainer.fit(experiment.train_tasks, settings["steps"], settings["batch_size"],
                           eval_tasks=experiment.eval_tasks, eval_every=settings["eval_every"],
                           resume=resume, metrics_path=out / "metrics.jsonl")
+    if pretrained is not None:
+        from metasolve.pretrain import keep_better
+
+        n = len(experiment.train_tasks)
+        kept = keep_better(experiment.meta_solver, experiment.blackbox, pretrained,
+                           experiment.family.tasks(range(n, n + min(16, n))))
+        _say(executor, f"metasolve: training cost on validation tasks: pretrained {kept['pretrained_cost']:.6g}, "
+                       f"trained {kept['trained_cost']:.6g}: keeping the {kept['kept']} weights")
     seconds = time.perf_counter() - begin
     evaluation = trainer.evaluate(experiment.eval_tasks, baselines=_baseline(config), cost=experiment.evaluation_cost)
     if executor.is_root:
@@ -106,17 +119,19 @@ def train(config: dict, out: Path, resume: bool = False, quiet: bool = False,
     return experiment, evaluation
 
 
-def _pretrain(config: dict, experiment: Experiment, executor, resumed: bool) -> None:
+def _pretrain(config: dict, experiment: Experiment, executor, resumed: bool) -> dict | None:
     """Fit the initial guess to the solver's own solutions first (one counted solve per training
-    task), unless `[pretrain] enabled = false`, the space has no guess, or a checkpoint resumes."""
+    task), unless `[pretrain] enabled = false`, the space has no guess, or a checkpoint resumes;
+    the pretrained weights, for `keep_better` after training."""
     from metasolve.pretrain import guess_parts, hand_over, pretrain
 
     if resumed or not config["pretrain"]["enabled"] or not guess_parts(experiment.blackbox.space):
-        return
+        return None
     trainer = experiment.trainer
     report = pretrain(experiment.meta_solver, experiment.blackbox, experiment.train_tasks)
     lr = hand_over(trainer.optimizer, trainer.scheduler, report, experiment.meta_solver)
     _say(executor, f"metasolve: {report.describe()}; training through the solver continues at learning rate {lr:.3g}")
+    return {k: v.clone() for k, v in experiment.meta_solver.state_dict().items()}
 
 
 def evaluate(checkpoint: Path, tasks: int | None) -> dict:

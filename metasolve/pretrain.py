@@ -237,4 +237,22 @@ def hand_over(optimizer: torch.optim.Optimizer, scheduler: Any, report: Pretrain
     return float(optimizer.param_groups[0]["lr"])
 
 
-__all__ = ["GUESS_KEYS", "PretrainReport", "guess_parts", "hand_over", "pretrain", "ridge_loo", "solutions", "targets"]
+def keep_better(meta_solver: nn.Module, blackbox: Any, pretrained: dict[str, torch.Tensor],
+                validation: Sequence[Any]) -> dict[str, Any]:
+    """After training through the solver, keep whichever of the pretrained and the trained weights
+    has the lower training cost on `validation` tasks (neither training nor evaluation tasks; two
+    solves each, counted as evaluation solves). Training through the solver may not undo the
+    regression: where the Euclidean projection is already what the solver needs, a noisy
+    gradient estimate only moves θ away from it."""
+    features = torch.stack([t.features for t in validation]).to(torch.float64)
+    trained_state = {k: v.clone() for k, v in meta_solver.state_dict().items()}
+    with torch.no_grad():
+        trained = float(np.nanmean(blackbox.evaluate(meta_solver(features), validation).numpy()))
+        meta_solver.load_state_dict(pretrained)
+        before = float(np.nanmean(blackbox.evaluate(meta_solver(features), validation).numpy()))
+        if trained < before:
+            meta_solver.load_state_dict(trained_state)
+    return {"pretrained_cost": before, "trained_cost": trained, "kept": "trained" if trained < before else "pretrained"}
+
+
+__all__ = ["GUESS_KEYS", "PretrainReport", "guess_parts", "hand_over", "keep_better", "pretrain", "ridge_loo", "solutions", "targets"]
