@@ -371,7 +371,7 @@ def _plot(eval_tasks: list, optimum: np.ndarray, learned: dict[int, np.ndarray],
     for i, (seed, omegas) in enumerate(learned.items()):
         points = left.scatter(optimum, omegas, c=sizes, cmap="viridis", marker=markers[i % len(markers)],
                               label=f"learned, seed {seed}", edgecolors="k", linewidths=0.3)
-    left.scatter(optimum, young, marker="x", color="tab:red", label="textbook ω* (Jacobi μ)")
+    left.scatter(optimum, young, marker="x", color="tab:red", label="textbook ω* (ρ_J from operator features)")
     low, high = float(optimum.min()) - 0.03, float(optimum.max()) + 0.03
     left.plot([low, high], [low, high], color="gray", lw=1, label="learned = optimal")
     left.axhline(constant, color="tab:orange", ls="--", label=f"best constant {constant:.3f}")
