@@ -37,8 +37,10 @@ def same_task(t1, t2) -> bool:
 
 
 def test_registry_holds_the_four_families():
+    from problems import Bratu, Mixed
+
     assert FAMILIES == {"poisson1d": Poisson1D, "poisson2d": Poisson2D, "diffusion": Diffusion, "convdiff": ConvDiff,
-                        "channel": ChannelFamily}
+                        "channel": ChannelFamily, "mixed": Mixed, "bratu": Bratu}
 
 
 @pytest.mark.parametrize("name", sorted(SMALL))
@@ -217,7 +219,7 @@ def test_train_and_evaluation_indices_are_disjoint():
 
 
 def test_make_family_names_unknown_families_and_parameters():
-    with pytest.raises(ValueError, match="'heat'.*convdiff, diffusion, poisson1d, poisson2d"):
+    with pytest.raises(ValueError, match="'heat'.*bratu, channel, convdiff, diffusion, mixed, poisson1d, poisson2d"):
         make_family("heat")
     with pytest.raises(ValueError, match="'contrast'.*diffusion.*contrast_range"):
         make_family("diffusion", contrast=1.0)
