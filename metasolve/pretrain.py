@@ -96,8 +96,25 @@ def solutions(oracle: Any, tasks: Sequence[Any], executor: Any) -> list[np.ndarr
 
 
 def targets(space: Space, parts: Sequence[str], xs: Sequence[np.ndarray]) -> torch.Tensor:
-    """[N, Σ dim] least-squares θ of each solution in each guess part (concatenated in `parts` order)."""
-    return torch.stack([torch.cat([space.parts[name].encode(x) for name in parts]) for x in xs])
+    """[N, Σ dim] least-squares θ of each solution in each guess part (concatenated in `parts` order).
+
+    Through the normal equations BᵀB θ = Bᵀx/scale with NumPy's own einsum loops, not a LAPACK
+    least-squares driver: the sine bases have orthogonal columns, so BᵀB is diagonal and exactly as
+    well conditioned as B, and the result is bitwise reproducible — `torch.linalg.lstsq` gave
+    answers differing in the last bit from one process to the next, which training then amplified
+    (two identical 1-rank runs ended ~1e-5 apart).
+    """
+    X = np.stack([np.asarray(x, dtype=np.float64) for x in xs])
+    columns = []
+    for name in parts:
+        part = space.parts[name]
+        if part.basis is None:
+            columns.append(X / part.scale)
+            continue
+        B = part.basis.numpy()
+        gram = np.einsum("ki,kj->ij", B, B, optimize=False)
+        columns.append(np.linalg.solve(gram, np.einsum("ki,nk->in", B, X, optimize=False)).T / part.scale)
+    return torch.from_numpy(np.concatenate(columns, axis=1))
 
 
 def ridge_loo(Z: np.ndarray, T: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, float]:
