@@ -13,7 +13,8 @@ every guess). On the same unseen tasks, side by side:
 - learned: that regression, then trained through the solver (forward gradient on the
   `ResidualArea` of the Newton residual history), the extra solves counted; the through-solver
   result is kept only if it lowers the training cost on held-out training tasks.
-Time is SNESSolve's plus the method's own work (features and inference, or the nearest-neighbour
+Time is SNESSolve's (after SNESSetUp: matrices and the LU's symbolic setup, which a code solving
+many tasks keeps; grid sequencing still sets up its finer levels inside the solve) plus the method's own work (features and inference, or the nearest-neighbour
 search), the fastest of repeats with methods interleaved per task, as wall time and as process CPU
 time: on a shared, loaded machine (load average ~15 on 2 cores here) the CPU time is what the solve
 computed, the wall time also what it waited. Flops are PETSc's

@@ -187,6 +187,7 @@ class BratuOracle:
             snes.setMonitor(lambda s, its, norm: history.append((s.getDM().getSizes()[0], float(norm))))
             snes.setOptionsPrefix(self.prefix)
             snes.setFromOptions()
+            snes.setUp()  # matrices and the LU's symbolic setup: what a code solving many tasks keeps
             x = da.createGlobalVec()
             if u0 is None:
                 x.set(0.0)
