@@ -159,8 +159,8 @@ def demo(out: Path) -> None:
     _say(executor, markdown_table(family_table()))
     config_text = resources.files("metasolve").joinpath("demo.toml").read_text()
     config = parse_config(config_text, "metasolve/demo.toml")
-    _say(executor, "\nmetasolve demo 2/2: learn an initial guess for PETSc Richardson + SSOR on Poisson2D "
-                   "(control-variate estimator; config: metasolve/demo.toml)")
+    _say(executor, "\nmetasolve demo 2/2: learn an initial guess for PETSc Newton (SNES newtonls + LU) on Bratu "
+                   "near the fold (config: metasolve/demo.toml)")
     train(config, out, overwrite=True)  # a demonstration: running it again replaces the last one
 
 

@@ -106,11 +106,12 @@ def test_remote_error_names_rank_item_and_original_message() -> None:
 
 def test_abort_hook_installs_once() -> None:
     original = sys.excepthook
+    sys.excepthook = sys.__excepthook__  # an in-process CLI test earlier in the session may have installed it
     try:
         abort_on_uncaught_exception()
         installed = sys.excepthook
         abort_on_uncaught_exception()
-        assert sys.excepthook is installed is not original
+        assert sys.excepthook is installed is not sys.__excepthook__
     finally:
         sys.excepthook = original
 
