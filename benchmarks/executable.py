@@ -3,7 +3,7 @@
 The program is `examples/legacy_solver` (unmodified): every solve is one process started by
 `ExecutableOracle`, the task reaches it as PETSc binary files, ω as `-pc_sor_omega`, and the
 result comes back from `-ksp_monitor_true_residual`. Family: `diffusion` on grids 12..40 with
-Richardson + forward SOR, where the best ω moves from task to task (DESIGN.md). On unseen tasks
+Richardson + forward SOR, where the best ω moves from task to task (docs/architecture.md). On unseen tasks
 we compare iterations to rtol 1e-6 for PETSc's default ω = 1, the best constant ω found with as
 many program runs as training spent, the learned per-instance ω, and the per-instance optimum.
 The optimum's grid search runs in-process (`KSPOracle`, same PETSc, same options: thousands of

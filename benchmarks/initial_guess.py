@@ -5,7 +5,7 @@ Diffusion on a fixed 24 x 24 grid (lognormal coefficients: the operator changes 
 methods side by side on the same unseen tasks, iterations and time to rtol 1e-6:
 - zero guess;
 - PETSc's `-ksp_guess_type fischer` and `pod` run over the evaluation sequence (several basis
-  sizes, the best reported: below its basis size a projection guess can hurt, DESIGN.md);
+  sizes, the best reported: below its basis size a projection guess can hurt, docs/architecture.md);
 - meta-solvers trained with the plain forward gradient and with the control variate at the same
   solve budget, over several seeds;
 - regression on solutions (`metasolve.pretrain`: one solve per training task returns x*, projected

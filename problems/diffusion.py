@@ -31,7 +31,7 @@ class Diffusion(Family):
     same kind and correlation length; b = h^2 f at the vertices.
     Why: the best SOR omega or Chebyshev bounds depend on n, sigma and l, so they vary per task.
     With Richardson + forward SOR (`pc_sor_forward`) and n in 12..40 the per-task optimal omega
-    moves a lot (DESIGN.md: 1.8-1.95); `n_range=(12, 40)` reproduces that regime.
+    moves a lot (1.8-1.95, docs/architecture.md); `n_range=(12, 40)` reproduces that regime.
     Features (2 * 8^2 + 4 = 132, whatever n): 8 x 8 area averages of log k and of f, then sigma,
     l, h and the standard deviation of log k over the grid.
     """

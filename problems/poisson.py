@@ -104,7 +104,7 @@ class Poisson2D(Family):
     spectral slope beta ~ U(slope_range) per task mixes rough (beta = 0: white noise) and smooth
     (beta = 3) right-hand sides; b is then scaled to unit RMS. Because coefficients are
     independent across all modes, solutions do not sit in a small fixed subspace (where PETSc's
-    fischer/POD guesses would be unbeatable, see DESIGN.md).
+    fischer/POD guesses would be unbeatable, see docs/architecture.md).
     Features (2 * 12^2 = 288): 12 x 12 area averages of b and the amplitudes of its 12 x 12 lowest
     sine modes (zero for modes a grid smaller than 12 lacks).
     """

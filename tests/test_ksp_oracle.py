@@ -53,7 +53,7 @@ def test_matches_hand_written_petsc4py(ksp_type, pc_type, options):
 
 
 def test_cg_jacobi_on_poisson2d_32_takes_the_expected_iterations():
-    """DESIGN.md measured 86 iterations for CG + Jacobi on Poisson2D(32), random rhs, rtol 1e-6."""
+    """docs/architecture.md records 86 iterations for CG + Jacobi on Poisson2D(32), random rhs, rtol 1e-6."""
     outcome = KSPOracle()(poisson_2d(32, seed=0))
     assert outcome.converged and 70 <= outcome.iterations <= 100
 

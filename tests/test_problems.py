@@ -120,7 +120,7 @@ def test_poisson1d_is_the_ni_gbms_distribution():
 
 
 def test_poisson2d_right_hand_sides_are_not_in_a_small_subspace():
-    """DESIGN.md: on a low-dimensional family PETSc's fischer/POD guesses win; ours spans many modes."""
+    """docs/architecture.md (measured facts): on a low-dimensional family PETSc's fischer/POD guesses win; ours spans many modes."""
     family = Poisson2D(n=10)
     B = np.stack([t.b for t in family.tasks(range(120))])
     singular = np.linalg.svd(B, compute_uv=False)
@@ -185,7 +185,7 @@ def test_convdiff_is_nonsymmetric_and_gmres_converges():
 
 
 def test_cg_jacobi_on_poisson2d_32():
-    """DESIGN.md: 86 CG + Jacobi iterations at rtol 1e-6 from zero for a random right-hand side."""
+    """docs/architecture.md (measured facts): 86 CG + Jacobi iterations at rtol 1e-6 from zero for a random right-hand side."""
     oracle = KSPOracle(ksp_type="cg", pc_type="jacobi", rtol=1e-6)
     iterations = [oracle(task).iterations for task in Poisson2D(n=32).tasks(range(4))]
     # Measured 81-88 over the first 12 tasks: smooth and rough right-hand sides alike need ~86.
@@ -193,7 +193,7 @@ def test_cg_jacobi_on_poisson2d_32():
 
 
 def test_forward_sor_best_omega_moves_with_the_task():
-    """The regime DESIGN.md reports: forward SOR's optimal omega depends on the grid and coefficient."""
+    """The regime docs/architecture.md records: forward SOR's optimal omega depends on the grid and coefficient."""
     family = Diffusion(n_range=(10, 36), seed=0)
     tasks = family.tasks(range(20))
     small, large = min(tasks, key=lambda t: t.size), max(tasks, key=lambda t: t.size)
