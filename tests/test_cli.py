@@ -53,3 +53,21 @@ def test_without_a_terminal_progress_is_a_few_log_lines_not_bar_redraws(tmp_path
     progress = [line for line in error.splitlines() if line.startswith("metasolve: step ")]
     assert len(progress) == 20 and progress[-1].startswith("metasolve: step 40/40: loss")
     assert "\r" not in error and "it/s" not in error
+
+
+def test_the_packaged_demo_config_builds_a_newton_guess_experiment():
+    """`make demo` runs metasolve/demo.toml: it must validate and build (Bratu, SNES oracle, a
+    vector guess pretrained on solutions) without running the training."""
+    from importlib import resources
+
+    from metasolve.config import parse_config
+    from metasolve.experiment import build_experiment
+    from metasolve.parallel import SerialExecutor
+
+    config = parse_config(resources.files("metasolve").joinpath("demo.toml").read_text(), "metasolve/demo.toml")
+    experiment = build_experiment(config, SerialExecutor())
+    assert config["problem"]["family"] == "bratu" and config["pretrain"]["enabled"]
+    assert list(experiment.blackbox.space.parts) == ["u0"]
+    assert len(experiment.train_tasks) == 16 and len(experiment.eval_tasks) == 32
+    outcome = experiment.blackbox.oracle(experiment.eval_tasks[0], {})
+    assert outcome.converged and outcome.iterations >= 4  # Newton from zero near the fold: the demo's headroom
