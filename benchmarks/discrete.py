@@ -10,7 +10,7 @@ time-to-solution is read off the same measurements:
 - the best single configuration, found as a tuner would find it: every candidate on every
   training task, the lowest total time (that is 5 × N_train solves, the learned method's budget);
 - nearest neighbour: the candidate that was fastest on the most similar training task (feature
-  distance), from the same sweep;
+  distance), from the same sweep (feature time included, as for the learned choice);
 - the per-instance best (an oracle: needs every candidate on the task itself);
 - learned: a meta-solver trained with the score-function estimator and a cost model
   (`metasolve.score_function`) on log10 of the time to the tolerance, with the same number of
@@ -62,20 +62,29 @@ def isolated_oracle() -> IsolatedOracle:
 
 
 def sweep(oracle: IsolatedOracle, tasks: list, settings: dict[str, dict], repeats: int) -> dict[str, np.ndarray]:
-    """Seconds (best of `repeats`; inf if not converged), flops and iterations of every setting on every task."""
+    """Per task and setting: seconds to solution (best of `repeats`), flops, iterations, and whether
+    it failed. A failure (diverged, not converged in `MAX_IT`, crashed, hung) costs the wall time
+    it took to fail — what a user who picked it would lose before trying something else — and is
+    not repeated."""
     seconds = np.full((len(tasks), len(settings)), np.inf)
-    flops = np.full_like(seconds, np.inf)
+    flops = np.zeros_like(seconds)
     iterations = np.zeros_like(seconds)
+    failed = np.zeros(seconds.shape, dtype=bool)
     budget = {"ksp_rtol": RTOL, "ksp_atol": 0.0, "ksp_max_it": MAX_IT}
     for t, task in enumerate(tasks):
         for _ in range(repeats):
             for c, setting in enumerate(settings.values()):
+                if failed[t, c]:
+                    continue
+                begin = time.perf_counter()
                 outcome = oracle(task, {**setting, **budget})
                 if outcome.failed or not outcome.converged:
+                    failed[t, c], seconds[t, c] = True, time.perf_counter() - begin
+                    flops[t, c] = outcome.setup_flops + outcome.flops
                     continue
                 seconds[t, c] = min(seconds[t, c], outcome.setup_seconds + outcome.seconds)
                 flops[t, c], iterations[t, c] = outcome.setup_flops + outcome.flops, outcome.iterations
-    return {"seconds": seconds, "flops": flops, "iterations": iterations}
+    return {"seconds": seconds, "flops": flops, "iterations": iterations, "failed": failed}
 
 
 def nearest_choice(train_features: np.ndarray, train_best: np.ndarray, features: np.ndarray) -> np.ndarray:
@@ -93,9 +102,9 @@ def train_policy(oracle: IsolatedOracle, space: Space, train_tasks: list, budget
     meta.fit_normalizer(train_tasks)
     n_joint = math.prod(p.n_values for p in space.discrete_parts().values())
     model = CostModel(features.shape[1], n_joint, hidden=32, steps=50, seed=seed, inputs=features)
-    estimator = ScoreFunction(space, samples=1, cost_model=model)
+    estimator = ScoreFunction(space, samples=1, cost_model=model, exploration=0.3)
     box = BlackBox(oracle, space, LogWorkToTolerance(RTOL, MAX_IT, measure), estimator, seed=seed)
-    trainer = Trainer(meta, box, torch.optim.Adam(meta.parameters(), lr=0.3), progress=False, seed=seed)
+    trainer = Trainer(meta, box, torch.optim.Adam(meta.parameters(), lr=0.1), progress=False, seed=seed)
     steps = max(1, budget_solves // (2 * batch_size))
     history = trainer.fit(train_tasks, steps=steps, batch_size=batch_size)
     return meta, box, history
@@ -134,11 +143,11 @@ def solver_choice(quick: bool) -> dict:
     learned, overhead = deployed(meta, space, eval_tasks, names, "solver")
 
     seconds, flops = eval_sweep["seconds"], eval_sweep["flops"]
-    best_single = int(np.argmin(np.where(np.isfinite(train_sweep["seconds"]), train_sweep["seconds"], 1e9).sum(0)))
-    train_best = np.argmin(train_sweep["seconds"], axis=1)
+    best_single = int(np.argmin(train_sweep["seconds"].sum(0)))
+    train_best = np.argmin(np.where(train_sweep["failed"], np.inf, train_sweep["seconds"]), axis=1)
     nearest = nearest_choice(torch.stack([t.features for t in train_tasks]).numpy(), train_best,
                              torch.stack([t.features for t in eval_tasks]).numpy())
-    per_instance = np.argmin(seconds, axis=1)
+    per_instance = np.argmin(np.where(eval_sweep["failed"], np.inf, seconds), axis=1)
     methods = {
         f"PETSc default ({DEFAULT})": np.full(n_eval, names.index(DEFAULT)),
         f"best single, tuned on training tasks ({names[best_single]})": np.full(n_eval, best_single),
@@ -149,11 +158,11 @@ def solver_choice(quick: bool) -> dict:
     best_total = _total(seconds, per_instance)
     rows = []
     for name, chosen in methods.items():
-        extra = overhead if name.startswith("learned") else 0.0
+        extra = overhead if name.startswith(("learned", "nearest")) else 0.0  # both need the task's features
         total = _total(seconds, chosen, extra)
         rows.append({"method": name, "total_seconds": total, "vs_per_instance_best": total / best_total,
                      "total_mflops": float(np.sum(flops[np.arange(n_eval), chosen])) / 1e6,
-                     "failures": int(np.sum(~np.isfinite(seconds[np.arange(n_eval), chosen]))),
+                     "failures": int(np.sum(eval_sweep["failed"][np.arange(n_eval), chosen])),
                      "matches_best": int(np.sum(chosen == per_instance))})
     single = rows[1]["total_seconds"]
     learned_row = rows[3]
@@ -182,22 +191,22 @@ def gmres_restart(quick: bool) -> dict:
     eval_features = torch.stack([t.features for t in eval_tasks])
     with torch.no_grad():
         restarts = [space.decode(row)["ksp_gmres_restart"] for row in meta(eval_features)]
-    learned_seconds = np.array([
-        min(_timed(oracle, task, {"ksp_type": "gmres", "pc_type": "ilu", "ksp_gmres_restart": r})
-            for _ in range(1 if quick else 3)) for task, r in zip(eval_tasks, restarts)])
-    seconds = eval_sweep["seconds"]
+    repeats = 1 if quick else 3
+    learned = [sweep(oracle, [task], {"learned": {"ksp_type": "gmres", "pc_type": "ilu", "ksp_gmres_restart": r}},
+                     repeats) for task, r in zip(eval_tasks, restarts)]
+    learned_seconds = np.array([result["seconds"][0, 0] for result in learned])
+    seconds, failed = eval_sweep["seconds"], eval_sweep["failed"]
     best_constant = int(np.argmin(train_sweep["seconds"].sum(0)))
-    rows = [{"method": "PETSc default (restart 30)", "total_seconds": float(seconds[:, grid.index(30)].sum())},
+    default = grid.index(30)
+    rows = [{"method": "PETSc default (restart 30)", "total_seconds": float(seconds[:, default].sum()),
+             "failures": int(failed[:, default].sum())},
             {"method": f"best constant on training tasks (restart {grid[best_constant]})",
-             "total_seconds": float(seconds[:, best_constant].sum())},
-            {"method": "learned (Integer, score function)", "total_seconds": float(learned_seconds.sum())},
-            {"method": "per-instance best over the grid", "total_seconds": float(seconds.min(1).sum())}]
+             "total_seconds": float(seconds[:, best_constant].sum()), "failures": int(failed[:, best_constant].sum())},
+            {"method": "learned (Integer, score function)", "total_seconds": float(learned_seconds.sum()),
+             "failures": int(sum(result["failed"][0, 0] for result in learned))},
+            {"method": "per-instance best over the grid",
+             "total_seconds": float(np.where(failed, np.inf, seconds).min(1).sum()), "failures": 0}]
     return {"rows": rows, "restarts": restarts, "grid": grid, "training_solves": box.stats.solves}
-
-
-def _timed(oracle: IsolatedOracle, task, setting: dict) -> float:
-    outcome = oracle(task, {**setting, "ksp_rtol": RTOL, "ksp_atol": 0.0, "ksp_max_it": MAX_IT})
-    return outcome.setup_seconds + outcome.seconds if outcome.converged else math.inf
 
 
 def run(out: Path, quick: bool = False) -> dict:
@@ -205,7 +214,9 @@ def run(out: Path, quick: bool = False) -> dict:
     restart = gmres_restart(quick)
     markdown = (f"{choice['describe']}\n\nCandidates: {', '.join(choice['candidates'])}; rtol {RTOL}. "
                 f"Training solves: learned {choice['training_solves']}, tuner sweep {choice['tuner_solves']}. "
-                f"Time measured while other jobs shared the machine; every method reads the same measurements.\n\n"
+                f"Time measured while other jobs shared the machine; every method reads the same measurements. "
+                f"A failed solve (diverged, not converged in {MAX_IT} iterations, crashed, hung 5 s) costs the "
+                f"wall time it took to fail and is counted under failures.\n\n"
                 f"{markdown_table(choice['rows'])}\n\n"
                 f"Headroom (best single → per-instance best): {choice['headroom']:.0%} of the best single "
                 f"configuration's time; learned captures {choice['captured']:.0%} of it "

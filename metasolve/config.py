@@ -41,7 +41,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
     "pretrain": {"enabled": (bool, True)},
     "estimator": {"kind": (str, "control_variate"), "tangents": (int, 1), "difference": (str, "forward"),
                   "eps": (_NUMBER, 1e-3), "distribution": (str, "rademacher"), "combine": (str, "mean"),
-                  "samples": (int, 1), "cost_model": (bool, True), "failure_margin": (_NUMBER, 1.0),
+                  "samples": (int, 1), "cost_model": (bool, True), "failure_margin": (_NUMBER, 1.0), "exploration": (_NUMBER, 0.2),
                   "coefficient": ((str, int, float), "scalar"), "decay": (_NUMBER, 0.95),
                   "allocation": (str, "equal"), "alpha": (_NUMBER, 0.5), "memory": (int, 1),
                   "failures": (str, "drop")},

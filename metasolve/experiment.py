@@ -149,6 +149,7 @@ def build_score_function(config: dict, features: torch.Tensor, space: Space) -> 
                           lr=config["surrogate"]["lr"], steps=config["surrogate"]["steps"],
                           seed=config["train"]["seed"], inputs=features)
     return ScoreFunction(space, samples=spec["samples"], cost_model=model, failure_margin=spec["failure_margin"],
+                         exploration=spec["exploration"],
                          tangents=spec["tangents"], eps=spec["eps"])
 
 

@@ -114,11 +114,14 @@ class ScoreFunction:
     `samples` policy samples per task (S); `cost_model` turns the baseline into a learned control
     variate (then S = 1 is enough), otherwise S ≥ 2 and the leave-one-out baseline is used;
     `tangents`/`eps` are the forward gradient for the space's continuous parts, if any;
-    a failed solve costs the task's worst observed cost plus `failure_margin`.
+    a failed solve costs the task's worst observed cost plus `failure_margin`. `exploration` = ε
+    samples from q = (1 − ε)p + ε/n instead of p and weights each sample by p/q (importance
+    sampling, still unbiased): a policy that has grown confident keeps showing the cost model
+    every value, where on-policy samples would stop visiting what it dismissed early.
     """
 
     def __init__(self, space: Space, samples: int = 2, cost_model: CostModel | None = None,
-                 failure_margin: float = 1.0, tangents: int = 1, eps: float = 1e-3) -> None:
+                 failure_margin: float = 1.0, exploration: float = 0.0, tangents: int = 1, eps: float = 1e-3) -> None:
         self.discrete = space.discrete_parts()
         if not self.discrete:
             raise ValueError(f"ScoreFunction needs a space with a Choice or Integer part, got {space!r}")
@@ -130,7 +133,10 @@ class ScoreFunction:
         self.space, self.samples, self.cost_model = space, int(samples), cost_model
         if not (math.isfinite(failure_margin) and failure_margin >= 0):
             raise ValueError(f"failure_margin must be finite and >= 0, got {failure_margin}")
+        if not 0.0 <= exploration < 1.0:
+            raise ValueError(f"exploration must be in [0, 1), got {exploration}")
         self.failure_margin, self.tangents, self.eps = float(failure_margin), int(tangents), float(eps)
+        self.exploration = float(exploration)
         self.sizes = [part.n_values for part in self.discrete.values()]
         self.n_joint = math.prod(self.sizes)
         if cost_model is not None and cost_model.net[-1].out_features != self.n_joint:
@@ -173,7 +179,7 @@ class ScoreFunction:
         """S policy samples per task, then (if the space has continuous parts) K forward-difference
         points at the deployed discrete value."""
         rows = []
-        drawn = torch.multinomial(torch.exp(self.log_policy(theta.detach())), self.samples, replacement=True,
+        drawn = torch.multinomial(self._sampling(self.log_policy(theta.detach())), self.samples, replacement=True,
                                   generator=generator)
         for row, draws in zip(theta, drawn):
             points = [self._force(row, int(k)) for k in draws]
@@ -182,6 +188,10 @@ class ScoreFunction:
                 points += [row + self.eps * torch.where(self.continuous, v, torch.zeros_like(v)) for v in signs]
             rows.append(torch.stack(points))
         return torch.stack(rows)
+
+    def _sampling(self, log_p: torch.Tensor) -> torch.Tensor:
+        """q = (1 − ε)p + ε/n: the sampling distribution, never zero on any value."""
+        return (1.0 - self.exploration) * torch.exp(log_p) + self.exploration / self.n_joint
 
     def _charged(self, values: torch.Tensor) -> torch.Tensor:
         """Failed solves charged the row's worst finite cost plus the margin (NaN if none is finite)."""
@@ -203,12 +213,13 @@ class ScoreFunction:
             leaf = theta.detach().requires_grad_(True)
             log_p = self.log_policy(leaf)
             sampled_log_p = log_p.gather(1, joints)
+            weights = (torch.exp(log_p) / self._sampling(log_p)).gather(1, joints).detach()  # p/q
             if predicted is None:
                 others = (sampled.sum(1, keepdim=True) - sampled) / (self.samples - 1)
-                per_task = ((sampled - others) * sampled_log_p).mean(1)
+                per_task = (weights * (sampled - others) * sampled_log_p).mean(1)
             else:
                 exact = (torch.exp(log_p) * predicted).sum(1)
-                per_task = exact + ((sampled - predicted.gather(1, joints)) * sampled_log_p).mean(1)
+                per_task = exact + (weights * (sampled - predicted.gather(1, joints)) * sampled_log_p).mean(1)
             (grad,) = torch.autograd.grad((per_task * usable).sum(), leaf)
         if self.continuous.any():
             grad = grad + torch.stack([self._continuous_gradient(row, points[b, self.samples:], values[b])

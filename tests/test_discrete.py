@@ -93,6 +93,16 @@ def test_cost_model_baseline_stays_unbiased_and_cuts_variance():
     assert guided_draws.var(0).sum() < 0.2 * plain_draws.var(0).sum()
 
 
+def test_exploration_keeps_the_estimate_unbiased():
+    """Sampling from (1 − ε)p + ε/n with p/q weights has the same expectation as on-policy sampling."""
+    space = Space({"pc": Choice(["a", "b", "c"])})
+    cost = torch.tensor([2.0, 0.5, 1.0], dtype=torch.float64)
+    theta = torch.tensor([2.0, -1.0, 0.0], dtype=torch.float64)  # a confident policy: p(b) ≈ 0.04
+    _analytic_estimator_check(ScoreFunction(space, samples=2, exploration=0.3), space, cost, theta, draws=1500)
+    with pytest.raises(ValueError, match="exploration"):
+        ScoreFunction(space, exploration=1.0)
+
+
 def test_failures_are_charged_above_the_worst_observed_cost():
     estimator = ScoreFunction(Space({"pc": Choice(["a", "b"])}), samples=2, failure_margin=1.0)
     values = torch.tensor([[2.0, math.nan, 3.0], [math.nan, math.nan, math.nan]], dtype=torch.float64)
