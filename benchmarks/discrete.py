@@ -13,7 +13,7 @@ time-to-solution is read off the same measurements:
   distance), from the same sweep (feature time included, as for the learned choice);
 - the per-instance best (an oracle: needs every candidate on the task itself);
 - learned: a meta-solver trained with the score-function estimator and a cost model
-  (`metasolve.score_function`) on log10 of the time to the tolerance, with the same number of
+  (`metasolve.score_function`) on log10 of the flops to the tolerance, with the same number of
   training solves as the tuner, deploying the most probable choice (feature and inference time
   included).
 
@@ -47,10 +47,11 @@ CANDIDATES = {
 }
 DEFAULT = "gmres+ilu"
 RTOL, MAX_IT = 1e-8, 400
-MEASURE = "seconds"
-"""Training cost: log10 of setup + solve seconds, the user's goal. Flops would be deterministic but
-miss what a choice of preconditioner costs beyond arithmetic (GAMG's coarsening, ICC's symbolic
-factorisation); the score function needs no smoothness, only a cost per sampled choice."""
+MEASURE = "flops"
+"""Training cost: log10 of PETSc's flop count over setup + solve. Deterministic, so the cost model
+learns from 200 solves what the policy needs; wall time on a shared machine was too noisy for
+that (measured: training on log seconds picked a CG configuration for 14 of 16 nonsymmetric tasks). Flops miss
+what a preconditioner costs beyond arithmetic (GAMG's coarsening), so evaluation is in seconds."""
 
 
 def isolated_oracle() -> IsolatedOracle:

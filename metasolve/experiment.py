@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from metasolve.blackbox import BlackBox
-from metasolve.calibration import LogError, RelativeError, SharedParameters
+from metasolve.calibration import LinearisedResponse, LogError, RelativeError, SharedParameters
 from metasolve.cost import IterationProxy, Iterations, LogResidual, LogWorkToTolerance, ResidualArea, Work
 from metasolve.estimators import SPSA, ControlVariate, FiniteDifference, ForwardGradient
 from metasolve.score_function import CostModel, ScoreFunction
@@ -120,9 +120,10 @@ def build_estimator(config: dict, features: torch.Tensor, theta_dim: int, family
     if kind == "control_variate":
         s = config["surrogate"]
         if s["kind"] == "family":  # the problem's own differentiable model of the cost
-            if not hasattr(family, "surrogate_net"):
+            if not hasattr(family, "linearised_correction"):
                 raise ValueError(f"surrogate.kind = 'family': problem family {config['problem']['family']!r} has none")
-            net = family.surrogate_net()
+            correction, inputs = family.linearised_correction()
+            net = LinearisedResponse(correction, inputs=inputs)
         elif s["kind"] == "log_affine":  # log-residual of an initial guess under a linear iteration
             net = Surrogate.log_affine(features.shape[1], theta_dim, seed=config["train"]["seed"])
         elif s["kind"] != "mlp":

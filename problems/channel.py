@@ -570,10 +570,10 @@ class ChannelFamily(Family):
     def initial_parameters(self) -> np.ndarray:
         return self.wall_model.initial_parameters()
 
-    def surrogate_net(self) -> Any:
-        from metasolve.calibration import LinearisedResponse
-
-        return LinearisedResponse(self.wall_model.correction, inputs=LearnedWallModel.n_inputs)
+    def linearised_correction(self) -> tuple[Any, int]:
+        """The wall model's correction and its input count, for the control variate's surrogate
+        (`metasolve.calibration.LinearisedResponse`, built by the method, not by the physics)."""
+        return self.wall_model.correction, LearnedWallModel.n_inputs
 
 
 __all__ = [

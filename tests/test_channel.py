@@ -209,7 +209,7 @@ def test_linearised_surrogate_gradient_matches_the_solver_at_spalding():
     model = family.wall_model
     theta0 = torch.tensor(model.initial_parameters())
     features = torch.stack([t.features for t in tasks])
-    surrogate = Surrogate(family.surrogate_net(), steps=0)
+    surrogate = Surrogate(LinearisedResponse(*family.linearised_correction()), steps=0)
     predicted = surrogate.gradient(features, theta0.expand(len(tasks), -1)).sum(0)
     oracle, eps = family.oracle(), 1e-5
     reference = torch.zeros_like(theta0)
