@@ -178,8 +178,9 @@ class _BlackBoxFunction(torch.autograd.Function):
     def backward(ctx: Any, upstream: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         theta, points, values = ctx.saved_tensors
         gradient = ctx.box.estimator.gradient(theta, points, values, upstream.to(torch.float64), ctx.tasks)
-        failed_centre = ~torch.isfinite(values[:, 0])
-        gradient[failed_centre] = 0.0
+        if getattr(ctx.box.estimator, "uses_centre", True):  # differences against a failed centre are meaningless
+            failed_centre = ~torch.isfinite(values[:, 0])
+            gradient[failed_centre] = 0.0
         return torch.nan_to_num(gradient, nan=0.0, posinf=0.0, neginf=0.0), None, None
 
 

@@ -147,6 +147,13 @@ class ScoreFunction:
             mask[space.slices[name]] = False
         self.continuous = mask
 
+    @property
+    def uses_centre(self) -> bool:
+        """Only the continuous parts' differences use the centre's value. A discrete estimate does
+        not, so a failed centre — the deployed choice failing — must still move the policy away
+        from it (BlackBox zeroes the gradient of a failed centre only when this is True)."""
+        return bool(self.continuous.any())
+
     # -- the policy ---------------------------------------------------------------------------
     def log_policy(self, theta: torch.Tensor) -> torch.Tensor:
         """log p_θ(k) over all joint values (mixed radix, first part slowest): [..., n_joint] for θ

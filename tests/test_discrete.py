@@ -142,3 +142,28 @@ def test_policy_learns_the_cheaper_preconditioner_through_petsc():
     assert space.decode(theta.detach()[0]) == {"pc_type": "icc"}
     assert box.stats.solves == 6 * len(tasks) * 3
 
+
+
+def test_a_failing_deployed_choice_still_moves_the_policy():
+    """Richardson without a preconditioner diverges on the 1-D Laplacian (eigenvalues up to 4);
+    a policy that starts on it fails at every centre solve, and must still learn to leave it."""
+    import scipy.sparse as sp
+
+    from metasolve.cost import LogWorkToTolerance
+    from solvers import KSPOracle, LinearSystem
+
+    n = 50
+    A = sp.diags([-np.ones(n - 1), 2 * np.ones(n), -np.ones(n - 1)], [-1, 0, 1], format="csr")
+    tasks = [LinearSystem(A, np.cos(np.arange(n) * (k + 1)) + 1.0, features=torch.tensor([1.0], dtype=torch.float64))
+             for k in range(4)]
+    space = Space({"solver": Choice([{"ksp_type": "richardson", "pc_type": "none"},
+                                     {"ksp_type": "cg", "pc_type": "jacobi"}])})
+    box = BlackBox(KSPOracle(), space, LogWorkToTolerance(1e-8), ScoreFunction(space, samples=2), seed=0)
+    theta = torch.tensor([[1.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.Adam([theta], lr=0.3)
+    for _ in range(6):
+        optimizer.zero_grad()
+        box(theta.expand(len(tasks), -1), tasks).mean().backward()
+        optimizer.step()
+    assert box.stats.failed_centres >= len(tasks)  # the deployed choice did fail at first
+    assert space.decode(theta.detach()[0]) == {"ksp_type": "cg", "pc_type": "jacobi"}
