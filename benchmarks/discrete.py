@@ -48,10 +48,10 @@ CANDIDATES = {
 DEFAULT = "gmres+ilu"
 RTOL, MAX_IT = 1e-8, 400
 MEASURE = "flops"
-"""Training cost: log10 of PETSc's flop count over setup + solve. Deterministic, so the cost model
-learns from 200 solves what the policy needs; wall time on a shared machine was too noisy for
-that (measured: training on log seconds picked a CG configuration for 14 of 16 nonsymmetric tasks). Flops miss
-what a preconditioner costs beyond arithmetic (GAMG's coarsening), so evaluation is in seconds."""
+"""Training cost: log10 of PETSc's flop count over setup + solve (deterministic; evaluation is in
+seconds). Neither measure trains a good policy at this budget (200 solves): on log seconds the
+learned choice took a CG configuration for 14 of 16 nonsymmetric tasks, on log flops it took
+GAMG-based ones everywhere, 9 failures in 30 tasks either way (results/discrete.md)."""
 
 
 def isolated_oracle() -> IsolatedOracle:
