@@ -51,7 +51,7 @@ MEASURE = "flops"
 """Training cost: log10 of PETSc's flop count over setup + solve (deterministic; evaluation is in
 seconds). Neither measure trains a good policy at this budget (200 solves): on log seconds the
 learned choice took a CG configuration for 14 of 16 nonsymmetric tasks, on log flops it took
-GAMG-based ones everywhere, 9 failures in 30 tasks either way (results/discrete.md)."""
+GAMG-based ones everywhere: 9-11 failed solves in 30 tasks either way (results/discrete.md)."""
 
 
 def isolated_oracle() -> IsolatedOracle:
