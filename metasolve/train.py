@@ -335,6 +335,7 @@ class Trainer:
                "seconds": time.perf_counter() - begin}
         if self._surrogate is not None:
             row["surrogate_loss"] = self._surrogate.last_loss
+        row.update(getattr(self.blackbox.estimator, "last_metrics", {}))  # the estimator's online quality
         if measure:
             row["gradient_cosine"] = self._reference_cosine(theta.detach(), batch, estimate[0])
         return row
