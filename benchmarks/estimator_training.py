@@ -37,7 +37,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.estimators import Case, sample_theta, twin_cost  # noqa: E402
+from benchmarks.estimators import Case, sample_theta, single_threaded, twin_cost  # noqa: E402
 from metasolve import (BlackBox, ControlVariate, Exact, ForwardGradient, Interval, IterationProxy,  # noqa: E402
                        Iterations, LogResidual, MetaSolver, Space, Surrogate, Vector)
 from metasolve.report import markdown_table  # noqa: E402
@@ -259,13 +259,7 @@ def _verdict(result: dict) -> str:
 
 
 def run(out: Path, quick: bool = False) -> dict:
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.random.fork_rng():
-            return _run(out, quick)
-    finally:
-        torch.set_num_threads(previous_threads)
+    return single_threaded(_run, out, quick)
 
 
 def _run(out: Path, quick: bool) -> dict:

@@ -573,15 +573,19 @@ def _backprop_slope(rows: list[dict], tangents: int) -> str:
             f"holds {first[forward]} bytes at k = {first['k']} and {last[forward]} at k = {last['k']}.")
 
 
-def run(out: Path, quick: bool = False) -> dict:
-    """The section: one torch thread (small tensors on a shared machine), the global RNG left as found."""
+def single_threaded(section: Callable[[Path, bool], dict], out: Path, quick: bool) -> dict:
+    """Run a section on one torch thread (small tensors on a shared machine), the global RNG left as found."""
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with torch.random.fork_rng():
-            return _run(out, quick)
+            return section(out, quick)
     finally:
         torch.set_num_threads(previous_threads)
+
+
+def run(out: Path, quick: bool = False) -> dict:
+    return single_threaded(_run, out, quick)
 
 
 def _run(out: Path, quick: bool) -> dict:
