@@ -1,4 +1,5 @@
-"""[mpi_throughput] Training steps per second on 1, 2 and 4 (oversubscribed) ranks, static vs balanced schedule.
+"""[mpi_throughput] Training steps per second on 1, 2 and 4 (oversubscribed) ranks: static vs balanced
+schedule, surrogate update repeated on every rank vs split across ranks (`[surrogate] chunk_rows`).
 
 Each run trains a config exactly as `metasolve train` does (`benchmarks/mpi_step.py`: the same
 builder and trainer, with timers around each part of a step), so the measurement includes every
@@ -56,6 +57,9 @@ kind = "control_variate"
 tangents = 1
 eps = 1e-2
 
+[surrogate]
+chunk_rows = {chunk_rows}
+
 [model]
 hidden = 32
 depth = 1
@@ -94,6 +98,9 @@ kind = "control_variate"
 tangents = 2
 eps = 1e-4
 
+[surrogate]
+chunk_rows = {chunk_rows}
+
 [model]
 depth = 0
 
@@ -108,11 +115,15 @@ schedule = "{schedule}"
 FAMILIES = {"diffusion 12-40 (heterogeneous)": HETEROGENEOUS, "poisson2d 48 (homogeneous)": HOMOGENEOUS}
 
 
-def train(template: str, ranks: int, schedule: str, steps: int, tasks: int, directory: Path) -> dict:
+SPLIT = 64
+"""Rows per chunk of the surrogate's minibatch (128 rows: 2 chunks) in the split runs."""
+
+
+def train(template: str, ranks: int, schedule: str, chunk_rows: int, steps: int, tasks: int, directory: Path) -> dict:
     """One `mpi_step.py` run: its step.json, plus the trained weights."""
-    out = directory / f"{'diffusion' if template is HETEROGENEOUS else 'poisson2d'}-n{ranks}-{schedule}"
+    out = directory / f"{'diffusion' if template is HETEROGENEOUS else 'poisson2d'}-n{ranks}-{schedule}-{chunk_rows}"
     config = directory / f"{out.name}.toml"
-    config.write_text(template.format(steps=steps, tasks=tasks, schedule=schedule))
+    config.write_text(template.format(steps=steps, tasks=tasks, schedule=schedule, chunk_rows=chunk_rows))
     mpiexec = Path(sys.executable).parent / "mpiexec"
     subprocess.run([str(mpiexec), "-n", str(ranks), sys.executable, "-m", "benchmarks.mpi_step", str(config), str(out)],
                    check=True, capture_output=True, text=True, timeout=3600,
@@ -156,7 +167,7 @@ def flop_proxy(tasks: int = 64, batch: int = 16, trials: int = 200) -> dict:
     from metasolve.parallel import SerialExecutor
     from solvers._petsc import PETSc
 
-    config = parse_config(HETEROGENEOUS.format(steps=1, tasks=tasks, schedule="balanced"), "<flop proxy>")
+    config = parse_config(HETEROGENEOUS.format(steps=1, tasks=tasks, schedule="balanced", chunk_rows=0), "<flop proxy>")
     experiment = build_experiment(config, SerialExecutor())
     box = experiment.blackbox
     theta = experiment.meta_solver(torch.stack([t.features for t in experiment.train_tasks])).detach()
@@ -183,7 +194,8 @@ def flop_proxy(tasks: int = 64, batch: int = 16, trials: int = 200) -> dict:
 
 def run(out: Path, quick: bool = False) -> dict:
     steps, tasks, rounds = (8, 32, 1) if quick else (40, 64, 3)
-    runs = [(1, "static"), (2, "static"), (2, "balanced"), (4, "static"), (4, "balanced")]
+    runs = [(1, "static", 0), (2, "static", 0), (2, "balanced", 0), (4, "static", 0), (4, "balanced", 0),
+            (1, "static", SPLIT), (2, "balanced", SPLIT), (4, "balanced", SPLIT)]
     rows, parts_rows, results = [], [], {}
     with tempfile.TemporaryDirectory() as scratch:
         for family, template in FAMILIES.items():
@@ -193,31 +205,32 @@ def run(out: Path, quick: bool = False) -> dict:
             # load change on a shared machine then hits all configurations alike.
             repeats: dict = {}
             for _ in range(rounds):
-                for ranks, schedule in runs:
-                    repeats.setdefault((ranks, schedule), []).append(
-                        train(template, ranks, schedule, steps, tasks, Path(scratch)))
+                for ranks, schedule, chunk_rows in runs:
+                    repeats.setdefault((ranks, schedule, chunk_rows), []).append(
+                        train(template, ranks, schedule, chunk_rows, steps, tasks, Path(scratch)))
             for key, measured in repeats.items():
                 results[(family, *key)] = sorted(measured, key=lambda r: r["seconds"])[len(measured) // 2]
     for family in FAMILIES:
         chosen = {k[1:]: v for k, v in results.items() if k[0] == family}
         if not chosen:
             continue
-        serial = chosen[1, "static"]
-        reference = serial["weights"]
-        for (ranks, schedule), result in chosen.items():
-            speedup = serial["seconds"] / result["seconds"]
+        serial = chosen[1, "static", 0]
+        for (ranks, schedule, chunk_rows), result in chosen.items():
+            reference = chosen[1, "static", chunk_rows]["weights"]  # the same arithmetic on one rank
             identical = all(torch.equal(reference[k], result["weights"][k]) for k in reference)
+            surrogate = f"split, {chunk_rows} rows" if chunk_rows else "repeated"
             rows.append({"family": family, "ranks": ranks, "schedule": schedule if ranks > 1 else "-",
-                         "steps_per_second": result["steps"] / result["seconds"], "speedup": speedup,
-                         "solve_imbalance": imbalance(result), "identical_weights": identical})
+                         "surrogate update": surrogate, "steps_per_second": result["steps"] / result["seconds"],
+                         "speedup": serial["seconds"] / result["seconds"], "solve_imbalance": imbalance(result),
+                         "identical_weights": identical})
             step = shares(result)
             total = sum(step.values())
-            parts_rows.append({"family": family, "ranks": ranks, "schedule": rows[-1]["schedule"],
+            parts_rows.append({"family": family, "ranks": ranks, "schedule": rows[-1]["schedule"], "surrogate update": surrogate,
                                "ms_per_step": 1e3 * total, **{p: f"{100 * step[p] / total:.1f}%" for p in PARTS}})
     capacity = machine_capacity()
     proxy = flop_proxy(tasks=tasks)
-    hetero = {(r["ranks"], r["schedule"]): r for r in rows if r["family"].startswith("diffusion")}
-    goal = hetero[2, "balanced"]["speedup"]
+    hetero = {(r["ranks"], r["schedule"], r["surrogate update"]): r for r in rows if r["family"].startswith("diffusion")}
+    goal = hetero[2, "balanced", f"split, {SPLIT} rows"]["speedup"]
     markdown = (
         f"{steps} training steps per run, the clock started after start-up; median of {rounds} round(s) of "
         f"all configurations. Heterogeneous: Diffusion "
@@ -226,9 +239,11 @@ def run(out: Path, quick: bool = False) -> dict:
         f"8 x 3 solves. 4 ranks oversubscribe the 2 cores (2 ranks per core). Measured on a shared "
         f"machine: wall-time ratios are within one run, but other jobs disturb them.\n\n"
         f"{markdown_table(rows)}\n\n"
-        f"Speed-up on 2 ranks, balanced, heterogeneous family: **{goal:.2f}x** (goal >= 1.75x: "
-        f"{'met' if goal >= 1.75 else 'missed'}); static on the same runs "
-        f"{hetero[2, 'static']['speedup']:.2f}x. The machine's own ceiling for pure solves with no "
+        f"Speed-up on 2 ranks, balanced schedule, surrogate update split, heterogeneous family, against one "
+        f"rank as before: **{goal:.2f}x** (goal >= 1.75x: {'met' if goal >= 1.75 else 'missed'}); on the same "
+        f"runs, unsplit {hetero[2, 'balanced', 'repeated']['speedup']:.2f}x, static and unsplit "
+        f"{hetero[2, 'static', 'repeated']['speedup']:.2f}x. `identical_weights` compares with one rank running "
+        f"the same surrogate arithmetic (split or not). The machine's own ceiling for pure solves with no "
         f"communication (`benchmarks/solve_loop.py`): **{capacity:.2f}x**. `solve_imbalance` is the slowest "
         f"rank's solve time over the mean, per step (1 = perfect).\n\n"
         f"Deterministic proxy (PETSc flops per task, heterogeneous family, {tasks} tasks, random batches of "
@@ -237,10 +252,11 @@ def run(out: Path, quick: bool = False) -> dict:
         f"4 ranks {proxy['static_4']:.3f} / {proxy['balanced_4']:.3f}, 8 ranks {proxy['static_8']:.3f} / "
         f"{proxy['balanced_8']:.3f}. The solve part's parallel ceiling is ranks / imbalance.\n\n"
         f"Where a step's time goes (mean over ranks; `solve` = own solves, `gather` = waiting for the "
-        f"slowest rank + all-gather, `estimator`/`surrogate`/`network` = work every rank repeats):\n\n"
+        f"slowest rank + all-gather, `estimator`/`network` = work every rank repeats, `surrogate` = its "
+        f"update, repeated or split):\n\n"
         f"{markdown_table(parts_rows)}\n")
     return {"summary": rows, "parts": parts_rows, "machine_capacity": capacity, "flop_proxy": proxy,
             "speedup_2_balanced_heterogeneous": goal, "markdown": markdown,
-            "raw": {f"{k[0]}|{k[1]}|{k[2]}": {key: v[key] for key in ("ranks", "steps", "seconds", "step_seconds",
+            "raw": {"|".join(map(str, k)): {key: v[key] for key in ("ranks", "steps", "seconds", "step_seconds",
                                                                         "per_rank", "allgather_seconds")}
                     for k, v in results.items()}}

@@ -47,7 +47,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
                   "failures": (str, "drop")},
     "surrogate": {"kind": (str, "mlp"), "hidden": (int, 64), "depth": (int, 2), "lr": (_NUMBER, 1e-3), "steps": (int, 8),
                   "value_weight": (_NUMBER, 1.0), "jvp_weight": (_NUMBER, 1.0), "buffer": (int, 4096),
-                  "batch_size": (int, 128)},
+                  "batch_size": (int, 128), "chunk_rows": (int, 0)},
     # depth 0 (a linear map from standardised features) by default: exact for an initial guess of
     # a linear problem whose features are linear in b, and fitted in closed form by pretraining
     # (measured, Poisson1D 8 modes: depth 0 → 58 iterations, depth 2 → 1032, zero guess 1530).
@@ -90,7 +90,7 @@ RANGES: dict[str, tuple[Any, str]] = {
     "cost.decades": _NON_NEGATIVE,
     "estimator.tangents": _at_least(1), "estimator.eps": _POSITIVE,
     "surrogate.hidden": _at_least(1), "surrogate.depth": _at_least(0), "surrogate.lr": _POSITIVE,
-    "surrogate.steps": _at_least(0), "surrogate.value_weight": _NON_NEGATIVE, "surrogate.jvp_weight": _NON_NEGATIVE,
+    "surrogate.steps": _at_least(0), "surrogate.chunk_rows": _at_least(0), "surrogate.value_weight": _NON_NEGATIVE, "surrogate.jvp_weight": _NON_NEGATIVE,
     "model.hidden": _at_least(1), "model.depth": _at_least(0),
     "train.steps": _at_least(1), "train.batch_size": _at_least(1), "train.lr": _POSITIVE,
     "train.checkpoint_every": _at_least(1), "train.eval_every": _at_least(0), "train.reference_every": _at_least(0),

@@ -105,7 +105,8 @@ def build_oracle(config: dict, executor: Any, family: Any = None) -> Any:
     raise ValueError(f"solver.kind must be 'ksp', 'executable' or 'family', got {solver['kind']!r}")
 
 
-def build_estimator(config: dict, features: torch.Tensor, theta_dim: int, family: Any = None) -> Any:
+def build_estimator(config: dict, features: torch.Tensor, theta_dim: int, family: Any = None,
+                    executor: Any = None) -> Any:
     spec = config["estimator"]
     kind = spec["kind"]
     if kind == "finite_difference":
@@ -133,7 +134,7 @@ def build_estimator(config: dict, features: torch.Tensor, theta_dim: int, family
             net = Surrogate.mlp(features.shape[1], theta_dim, hidden=s["hidden"], depth=s["depth"], inputs=sample)
         surrogate = Surrogate(net, lr=s["lr"], value_weight=s["value_weight"], jvp_weight=s["jvp_weight"],
                               steps=s["steps"], buffer=s["buffer"], batch_size=s["batch_size"],
-                              seed=config["train"]["seed"])
+                              seed=config["train"]["seed"], chunk_rows=s["chunk_rows"], executor=executor)
         return ControlVariate(base, surrogate, coefficient=spec["coefficient"], decay=spec["decay"],
                               allocation=spec["allocation"])
     raise ValueError(f"estimator.kind must be forward, control_variate, spsa, finite_difference or "
@@ -200,7 +201,7 @@ def build_experiment(config: dict, executor: Any) -> Experiment:
         raise ValueError(f"the space has discrete parts {sorted(space.discrete_parts())}: they need "
                          f"estimator.kind = 'score_function', got {config['estimator']['kind']!r}")
     else:
-        estimator = build_estimator(config, features, space.dim, family)
+        estimator = build_estimator(config, features, space.dim, family, executor)
     blackbox = BlackBox(build_oracle(config, executor, family), space, build_cost(config), estimator,
                         executor=executor, seed=train["seed"], failures=config["estimator"]["failures"])
     optimizer = torch.optim.Adam(meta_solver.parameters(), lr=train["lr"])

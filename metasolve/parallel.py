@@ -26,6 +26,9 @@ import traceback
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any, TypeVar
 
+import numpy as np
+
+from metasolve.exact_sum import local_allreduce
 from solvers._petsc import MPI, PETSc
 
 Item = TypeVar("Item")
@@ -89,6 +92,8 @@ class SerialExecutor:
 
     def broadcast(self, obj: Any) -> Any:
         return obj
+
+    allreduce = staticmethod(local_allreduce)
 
     def barrier(self) -> None:
         """Nothing to wait for."""
@@ -180,6 +185,12 @@ class MPIExecutor:
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's `obj` on every rank (e.g. a checkpoint only the root has read)."""
         return self.comm.bcast(obj, root=0)
+
+    def allreduce(self, array: np.ndarray, op: str) -> np.ndarray:
+        """Elementwise "max" or "sum" of every rank's `array` (integer arrays: exact, in any order)."""
+        result = np.empty_like(array)
+        self.comm.Allreduce(np.ascontiguousarray(array), result, op={"max": MPI.MAX, "sum": MPI.SUM}[op])
+        return result
 
     def barrier(self) -> None:
         self.comm.Barrier()

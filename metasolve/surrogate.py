@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from metasolve.exact_sum import Allreduce, fixed_point_sum, local_allreduce
+
 
 class Standardize(nn.Module):
     """(z − mean)/scale with statistics fixed from a sample of inputs: raw features and θ can differ
@@ -131,20 +133,33 @@ class Surrogate:
     past values and directional derivatives are reused instead of seen once. Cost: `steps` small
     forward/backward passes of the surrogate per estimate and no solves; `last_metrics` reports
     the seconds they took.
+
+    Under MPI every rank holds the same surrogate and draws the same minibatches, so by default
+    every rank repeats the whole update. `chunk_rows = m > 0` splits it: a step's minibatch is cut
+    into ⌈rows/m⌉ chunks of m rows, `executor` rank r computes the loss gradient of chunks r,
+    r + P, …, and the chunk gradients are summed across ranks in fixed point
+    (`metasolve.exact_sum`), so the step is the same to the bit on any number of ranks — and
+    different from the unsplit step only in rounding. Each rank then does 1/P of the work; one
+    rank alone does ⌈rows/m⌉ smaller passes instead of one, so m is best set to the minibatch
+    divided by the rank count the job runs on.
     """
 
     def __init__(self, net: nn.Module, lr: float = 1e-3, value_weight: float = 1.0,
                  jvp_weight: float = 1.0, steps: int = 1, buffer: int = 0, batch_size: int = 64,
-                 seed: int = 0) -> None:
+                 seed: int = 0, chunk_rows: int = 0, executor: Any = None) -> None:
         if steps < 0 or value_weight < 0 or jvp_weight < 0 or not lr > 0:
             raise ValueError("Surrogate needs lr > 0 and non-negative steps and weights")
         if buffer < 0 or batch_size < 1:
             raise ValueError(f"Surrogate needs buffer >= 0 and batch_size >= 1, got {buffer}, {batch_size}")
+        if chunk_rows < 0:
+            raise ValueError(f"Surrogate needs chunk_rows >= 0 (0: no split), got {chunk_rows}")
         self.net = net.double()
         self.value_weight, self.jvp_weight, self.steps = float(value_weight), float(jvp_weight), int(steps)
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=lr)
         self.replay = ReplayBuffer(buffer) if buffer else None
-        self.batch_size = int(batch_size)
+        self.batch_size, self.chunk_rows = int(batch_size), int(chunk_rows)
+        self.rank, self.size = (0, 1) if executor is None else (executor.rank, executor.size)
+        self.allreduce: Allreduce = local_allreduce if executor is None else executor.allreduce
         self.generator = torch.Generator().manual_seed(seed)
         self.last_loss = float("nan")
         self.last_metrics: dict[str, float] = {}
@@ -212,23 +227,51 @@ class Surrogate:
         self.last_metrics = {"loss": self.last_loss, "update_seconds": time.perf_counter() - begin}
 
     def _step(self, batch: dict[str, torch.Tensor]) -> float | None:
+        known = int(torch.isfinite(batch["values"]).sum())
+        if not known:
+            return None
+        with torch.enable_grad():
+            if not self.chunk_rows:
+                loss = self._error(batch) / known
+                self.optimizer.zero_grad()
+                loss.backward()
+            else:
+                loss = self._split_gradient(batch, known)
+        self.optimizer.step()
+        return float(loss.detach())
+
+    def _split_gradient(self, batch: dict[str, torch.Tensor], known: int) -> torch.Tensor:
+        """This rank's chunks' loss and gradient, summed over all ranks' chunks (fixed point), set as
+        the parameters' .grad; returns the whole minibatch's loss."""
+        params = list(self.net.parameters())
+        rows = batch["theta"].shape[0]
+        n_chunks = -(-rows // self.chunk_rows)
+        pieces = []
+        for chunk in range(self.rank, n_chunks, self.size):
+            part = {k: v[chunk * self.chunk_rows:(chunk + 1) * self.chunk_rows] for k, v in batch.items()}
+            loss = self._error(part) / known
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            pieces.append(torch.cat([loss.detach().reshape(1)] + [torch.zeros_like(p).reshape(-1) if g is None
+                                                                  else g.reshape(-1) for p, g in zip(params, grads)]))
+        total = fixed_point_sum(pieces, n_chunks, 1 + sum(p.numel() for p in params), self.allreduce)
+        offset = 1
+        for p in params:
+            p.grad = total[offset:offset + p.numel()].reshape(p.shape).to(p.dtype)
+            offset += p.numel()
+        return total[0]
+
+    def _error(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """value_weight·Σ(f − f̂)² + jvp_weight·Σ(∂_v f − ∂_v f̂)² over the known entries of `batch`."""
         values, derivatives = batch["values"], batch["derivatives"]
         value_known = torch.isfinite(values)
         derivative_known = torch.isfinite(derivatives) & value_known[:, None]
-        if not value_known.any():
-            return None
         target_values = torch.where(value_known, values, torch.zeros_like(values))
         target_derivatives = torch.where(derivative_known, derivatives, torch.zeros_like(derivatives))
-        with torch.enable_grad():
-            predicted, gradient = self._value_and_gradient(batch["features"], batch["theta"], create_graph=True)
-            predicted_derivatives = torch.einsum("bd,bkd->bk", gradient, torch.nan_to_num(batch["tangents"]))
-            value_error = ((predicted - target_values) ** 2)[value_known].sum()
-            derivative_error = ((predicted_derivatives - target_derivatives) ** 2)[derivative_known].sum()
-            loss = (self.value_weight * value_error + self.jvp_weight * derivative_error) / int(value_known.sum())
-            self.optimizer.zero_grad()
-            loss.backward()
-            self.optimizer.step()
-        return float(loss.detach())
+        predicted, gradient = self._value_and_gradient(batch["features"], batch["theta"], create_graph=True)
+        predicted_derivatives = torch.einsum("bd,bkd->bk", gradient, torch.nan_to_num(batch["tangents"]))
+        value_error = ((predicted - target_values) ** 2)[value_known].sum()
+        derivative_error = ((predicted_derivatives - target_derivatives) ** 2)[derivative_known].sum()
+        return self.value_weight * value_error + self.jvp_weight * derivative_error
 
     def state_dict(self) -> dict:
         """Network, optimizer, replay buffer and the buffer's sampler: an exact resume point."""
@@ -248,4 +291,4 @@ class Surrogate:
     def __repr__(self) -> str:
         buffer = self.replay.capacity if self.replay is not None else 0
         return (f"Surrogate(value_weight={self.value_weight}, jvp_weight={self.jvp_weight}, steps={self.steps}, "
-                f"buffer={buffer}, batch_size={self.batch_size})")
+                f"buffer={buffer}, batch_size={self.batch_size}, chunk_rows={self.chunk_rows})")
