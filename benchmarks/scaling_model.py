@@ -25,7 +25,8 @@ replay buffer to m = `batch_size` rows (measured with the buffer already full). 
 optimizer step of the surrogate, two allreduces of its N_s int64 gradient words (exponent maxima,
 then fixed-point sums; `metasolve.exact_sum`): 2·[2α⌈log2 P⌉ + 2β(P−1)/P·8·N_s]. The rest of R
 (network forward/backward, the estimate, the optimizer) stays replicated.
-Weak-scaling efficiency is E(P) = T(1, b) / T(P, P·b).
+Weak-scaling efficiency is E(P) = T(1, b) / T(P, P·b); with the split it can exceed 1, because the
+update's fixed cost u0 (a minibatch of m rows whatever b) is then shared by the P ranks.
 
 Validation on this machine (2 cores): the per-item distribution's shape comes from the
 in-process measurement, scaled to the mean solve time per item of the 1-rank run of
@@ -39,6 +40,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
+from importlib import resources
 import pickle
 import time
 from pathlib import Path
@@ -48,7 +51,7 @@ import torch
 
 from benchmarks import mpi_throughput
 from benchmarks.mpi_step import finish, instrument
-from metasolve.config import parse_config
+from metasolve.config import override, parse_config
 from metasolve.experiment import build_experiment
 from metasolve.parallel import SerialExecutor, block, longest_first
 from metasolve.report import markdown_table
@@ -60,62 +63,34 @@ TRIALS = 40
 BATCHES = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256]
 """Batch sizes per rank tried when searching the smallest one with 80% efficiency."""
 
-DEMO = """
-[problem]
-family = "poisson2d"
-params = {{ n = 32 }}
-train_tasks = {tasks}
-eval_tasks = 2
-
-[solver]
-ksp_type = "richardson"
-pc_type = "sor"
-
-[space.x0]
-kind = "vector"
-basis = "sine"
-modes = 4
-scale = 50.0
-
-[cost]
-kind = "log_residual"
-iterations = 30
-
-[estimator]
-kind = "control_variate"
-tangents = 2
-eps = 1e-4
-
-[surrogate]
-hidden = 64
-
-[model]
-depth = 0
-normalize = false
-
-[train]
-steps = {steps}
-batch_size = 8
-lr = 1e-3
-
-[parallel]
-schedule = "{schedule}"
-"""
-
-FAMILIES = {"demo (poisson2d 32, SSOR, x0)": (DEMO, 8), "diffusion 12-40 (SOR omega)": (mpi_throughput.HETEROGENEOUS, 16)}
+def demo_config(tasks: int) -> dict:
+    """The job `make demo` runs (`metasolve/demo.toml`: Bratu, SNES Newton, learned initial guess,
+    batch 8), with `tasks` training tasks."""
+    text = resources.files("metasolve").joinpath("demo.toml").read_text()
+    return override(parse_config(text, "metasolve/demo.toml"), {"problem.train_tasks": tasks, "train.steps": 1})
 
 
-def _experiment(template: str, tasks: int, batch: int):
-    config = parse_config(template.format(steps=1, tasks=tasks, schedule="balanced", chunk_rows=0), "<scaling model>")
+def heterogeneous_config(tasks: int) -> dict:
+    """[mpi_throughput]'s heterogeneous family, the one measured on 1, 2 and 4 ranks."""
+    text = mpi_throughput.HETEROGENEOUS.format(steps=1, tasks=tasks, schedule="balanced", chunk_rows=0)
+    return parse_config(text, "<scaling model>")
+
+
+FAMILIES = {"demo (Bratu 25x25, SNES Newton, u0)": (demo_config, 8),
+            "diffusion 12-40 (SOR omega)": (heterogeneous_config, 16)}
+
+
+def _experiment(make_config: Callable[[int], dict], tasks: int, batch: int):
+    config = make_config(tasks)
     config["train"]["batch_size"] = batch
     torch.set_num_threads(1)
     return config, build_experiment(config, SerialExecutor())
 
 
-def item_seconds(template: str, tasks: int) -> np.ndarray:
+def item_seconds(make_config: Callable[[int], dict], tasks: int) -> np.ndarray:
     """Seconds of one batch item (a task's centre and query solves, as in training), per task:
     the fastest of 3 repeats after a first visit that builds the task's PETSc objects."""
-    _, experiment = _experiment(template, tasks, 1)
+    _, experiment = _experiment(make_config, tasks, 1)
     box, meta = experiment.blackbox, experiment.meta_solver
     seconds = []
     with torch.no_grad():
@@ -131,12 +106,12 @@ def item_seconds(template: str, tasks: int) -> np.ndarray:
     return np.array(seconds)
 
 
-def replicated_seconds(template: str, batches: list[int], steps: int = 3) -> tuple[np.ndarray, np.ndarray, int, dict]:
+def replicated_seconds(make_config: Callable[[int], dict], batches: list[int], steps: int = 3) -> tuple[np.ndarray, np.ndarray, int, dict]:
     """Per-step seconds of everything but the solves and of the surrogate update alone, at each global
     batch size (in-process), with the bytes of one item's result and the parameter counts."""
     rest, update = [], []
     for batch in batches:
-        config, experiment = _experiment(template, max(batch, 16), batch)
+        config, experiment = _experiment(make_config, max(batch, 16), batch)
         trainer = experiment.trainer
         trainer.progress = False
         # Warm-up: first visits build PETSc objects, and the surrogate's replay buffer fills to its
@@ -248,9 +223,9 @@ def run(out: Path, quick: bool = False) -> dict:
     tasks = 24 if quick else 96
     batches = [8, 256] if quick else [8, 32, 128, 256]
     models, inputs = {}, {}
-    for name, (template, _) in FAMILIES.items():
-        times = item_seconds(template, tasks)
-        rest, update, item_bytes, params = replicated_seconds(template, batches)
+    for name, (make_config, _) in FAMILIES.items():
+        times = item_seconds(make_config, tasks)
+        rest, update, item_bytes, params = replicated_seconds(make_config, batches)
         r1, r0 = (max(float(c), 0.0) for c in np.polyfit(np.array(batches, dtype=float), rest, 1))
         rows = np.maximum(np.array(batches, dtype=float), params["surrogate_rows"])  # the update's minibatch
         u1, u0 = (max(float(c), 0.0) for c in np.polyfit(rows, update, 1))

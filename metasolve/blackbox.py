@@ -120,14 +120,15 @@ class BlackBox:
             return results
 
         # A task with this many points costs what it cost last time: the key the balanced MPI schedule learns by.
-        keys = [(getattr(task, "name", "") or id(task), int(n)) for task, n in zip(tasks, asked.sum(dim=1))]
+        keys = [(getattr(task, "name", "") or id(task), n) for task, n in zip(tasks, asked.sum(dim=1).tolist())]
         solved = self.executor.map(solve_task, range(len(tasks)), keys=keys)
         values = torch.full(asked.shape, math.nan, dtype=torch.float64)
+        values[asked] = torch.tensor([v for results in solved for v, _ in results], dtype=torch.float64)  # row-major
         errors: list[tuple[str, str, bool]] = []
         for b, results in enumerate(solved):
-            values[b, asked[b]] = torch.tensor([v for v, _ in results], dtype=torch.float64)
-            name = getattr(tasks[b], "name", "") or f"task {b}"
-            errors += [(name, text, j == 0) for j, (_, text) in enumerate(results) if text is not None]
+            if any(text is not None for _, text in results):
+                name = getattr(tasks[b], "name", "") or f"task {b}"
+                errors += [(name, text, j == 0) for j, (_, text) in enumerate(results) if text is not None]
         self._count(values, asked, errors, training)
         return values
 

@@ -191,7 +191,7 @@ class Surrogate:
         """[B, F] task features; tasks without features contribute an empty row."""
         rows = [t.features if getattr(t, "features", None) is not None else torch.zeros(0, dtype=torch.float64)
                 for t in tasks]
-        return torch.stack([r.to(torch.float64).reshape(-1) for r in rows])
+        return torch.stack(rows).reshape(len(rows), -1).to(torch.float64)
 
     def value(self, features: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
         return self.net(torch.cat([features, theta], dim=-1)).reshape(-1)
