@@ -52,11 +52,6 @@ seed = 3
 
 [parallel]
 schedule = "{schedule}"
-
-# Off: pretraining currently makes even two 1-rank runs differ (~1e-5 in the weights, measured),
-# which would hide what this file tests, the executor's rank-count independence.
-[pretrain]
-enabled = false
 """
 
 pytestmark = [pytest.mark.mpi, pytest.mark.slow]
