@@ -9,8 +9,9 @@ Parts of a step (wall time; they add up to the step):
 - `solve`: this rank's own solves (`fn` calls inside `executor.map`),
 - `gather`: the rest of `executor.map` — waiting at the all-gather for slower ranks, plus the
   all-gather itself and unpacking the results,
-- `estimator`: the gradient estimate, replicated on every rank, without the surrogate update,
-- `surrogate`: the surrogate's update, replicated on every rank,
+- `estimator`: the gradient estimate, replicated on every rank, without the surrogate's work,
+- `surrogate`: the surrogate's work — its gradient at the batch's tasks and its update — which
+  every rank repeats, or shares with `[surrogate] chunk_rows`,
 - `other`: everything else (loss, network backward, optimizer step, bookkeeping).
 `instrument` wraps bound methods of one run's objects; nothing in the library is changed.
 """
@@ -61,17 +62,38 @@ def instrument(experiment: Any, executor: Any) -> tuple[dict, list]:
     executor.map = timed_map
     meta_solver, estimator = experiment.meta_solver, experiment.blackbox.estimator
     meta_solver.forward = timed("network", meta_solver.forward)
+    estimating = [False]
+
+    def timed_estimate(*args: Any, **kwargs: Any) -> Any:
+        estimating[0] = True
+        try:
+            return timed("estimator", original_estimate)(*args, **kwargs)
+        finally:
+            estimating[0] = False
+
+    def timed_surrogate(method: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            begin = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                seconds = time.perf_counter() - begin
+                parts["surrogate"] += seconds
+                parts["estimator"] -= seconds if estimating[0] else 0.0  # nested: counted once, here
+        return wrapper
+
     surrogate = getattr(estimator, "surrogate", None)
     if surrogate is not None:
-        surrogate.update = timed("surrogate", surrogate.update)
-    estimator.gradient = timed("estimator", estimator.gradient)
+        surrogate.update = timed_surrogate(surrogate.update)
+        surrogate.gradient = timed_surrogate(surrogate.gradient)
+    original_estimate = estimator.gradient
+    estimator.gradient = timed_estimate
     return parts, solve_per_call
 
 
 def finish(parts: dict, history: list) -> dict:
-    """Close the books after `fit`: the update ran inside the estimate; `other` is the remainder."""
+    """Close the books after `fit`: `other` is the remainder."""
     parts = dict(parts)
-    parts["estimator"] -= parts["surrogate"]
     parts["other"] = sum(row["seconds"] for row in history) - sum(v for k, v in parts.items() if k != "other")
     return parts
 

@@ -252,8 +252,8 @@ def run(out: Path, quick: bool = False) -> dict:
         f"4 ranks {proxy['static_4']:.3f} / {proxy['balanced_4']:.3f}, 8 ranks {proxy['static_8']:.3f} / "
         f"{proxy['balanced_8']:.3f}. The solve part's parallel ceiling is ranks / imbalance.\n\n"
         f"Where a step's time goes (mean over ranks; `solve` = own solves, `gather` = waiting for the "
-        f"slowest rank + all-gather, `estimator`/`network` = work every rank repeats, `surrogate` = its "
-        f"update, repeated or split):\n\n"
+        f"slowest rank + all-gather, `estimator`/`network` = work every rank repeats, `surrogate` = the "
+        f"surrogate's gradient at the batch's tasks and its update, repeated or split):\n\n"
         f"{markdown_table(parts_rows)}\n")
     return {"summary": rows, "parts": parts_rows, "machine_capacity": capacity, "flop_proxy": proxy,
             "speedup_2_balanced_heterogeneous": goal, "markdown": markdown,

@@ -8,9 +8,13 @@ One SPMD step on P ranks with a global batch of B tasks (b = B/P per rank) takes
   t_i, drawn from the per-family distribution measured here. Static schedule: contiguous blocks,
   S = E[max_w Σ_{i in block w} t_i]. Balanced: longest-expected-first with the costs known from
   earlier visits, S = E[LPT makespan]. Both by Monte Carlo over random batches.
-- R, the work every rank repeats on the whole batch (network forward and backward, gradient
-  estimate, surrogate update, optimizer), fitted to in-process measurements at
-  several B. It grows with the *global* batch, so under weak scaling it grows with P.
+- R, the work besides the solves, fitted to in-process measurements at several B, in two
+  parts: the rest, r0 + r1·B (network forward and backward, the estimate's arithmetic,
+  bookkeeping, optimizer), always repeated by every rank; and the surrogate's work,
+  W = w0 + w1·max(B, m) + w2·B: its update on a minibatch of the current batch topped up from
+  the replay buffer to m = `batch_size` rows (measured with the buffer full), and its gradient
+  at each of the B tasks. Repeated, R grows with the *global* batch, so under weak scaling it
+  grows with P.
 - C, the all-gather of the results: mpi4py's `allgather` of Python objects is two MPI
   collectives (sizes, then bytes), each costing α⌈log2 P⌉ + β(P−1)/P·n for n bytes (recursive
   doubling / ring; Thakur, Rabenseifner & Gropp, "Optimization of collective communication
@@ -19,14 +23,12 @@ One SPMD step on P ranks with a global batch of B tasks (b = B/P per rank) takes
   InfiniBand constants: EDR (100 Gb/s) gives ~1 µs MPI latency and ~12 GB/s bandwidth in the OSU
   micro-benchmarks (mvapich.cse.ohio-state.edu/performance); we take α = 2 µs, β = 1/(10 GB/s).
 
-Splitting the surrogate update (`[surrogate] chunk_rows`, built): R = r0 + r1·B + U(B), with U
-the surrogate update, u0 + u1·max(B, m): its minibatch is the current batch topped up from the
-replay buffer to m = `batch_size` rows (measured with the buffer already full). Split across P ranks it costs U/P plus, per
-optimizer step of the surrogate, two allreduces of its N_s int64 gradient words (exponent maxima,
-then fixed-point sums; `metasolve.exact_sum`): 2·[2α⌈log2 P⌉ + 2β(P−1)/P·8·N_s]. The rest of R
-(network forward/backward, the estimate, the optimizer) stays replicated.
+Splitting (`[surrogate] chunk_rows`, built) costs W/P plus, per optimizer step of the surrogate,
+two allreduces of its N_s int64 gradient words (exponent maxima, then fixed-point sums;
+`metasolve.exact_sum`), 2·[2α⌈log2 P⌉ + 2β(P−1)/P·8·N_s], and one all-gather of the B·d
+gradient rows, α⌈log2 P⌉ + β(P−1)/P·8·B·d. The rest stays repeated.
 Weak-scaling efficiency is E(P) = T(1, b) / T(P, P·b); with the split it can exceed 1, because the
-update's fixed cost u0 (a minibatch of m rows whatever b) is then shared by the P ranks.
+update's fixed cost (a minibatch of m rows whatever b) is then shared by the P ranks.
 
 Validation on this machine (2 cores): the per-item distribution's shape comes from the
 in-process measurement, scaled to the mean solve time per item of the 1-rank run of
@@ -106,10 +108,11 @@ def item_seconds(make_config: Callable[[int], dict], tasks: int) -> np.ndarray:
     return np.array(seconds)
 
 
-def replicated_seconds(make_config: Callable[[int], dict], batches: list[int], steps: int = 3) -> tuple[np.ndarray, np.ndarray, int, dict]:
-    """Per-step seconds of everything but the solves and of the surrogate update alone, at each global
-    batch size (in-process), with the bytes of one item's result and the parameter counts."""
-    rest, update = [], []
+def replicated_seconds(make_config: Callable[[int], dict], batches: list[int], steps: int = 3) -> tuple[dict, int, dict]:
+    """Per-step seconds of the work besides the solves — the surrogate's, and the rest — at each global
+    batch size (in-process), with the bytes of one item's result and the
+    sizes the split's collectives move."""
+    seconds: dict[str, list[float]] = {"rest": [], "surrogate": []}
     for batch in batches:
         config, experiment = _experiment(make_config, max(batch, 16), batch)
         trainer = experiment.trainer
@@ -122,15 +125,23 @@ def replicated_seconds(make_config: Callable[[int], dict], batches: list[int], s
         parts, _ = instrument(experiment, experiment.blackbox.executor)
         history = trainer.fit(experiment.train_tasks, warm_up + steps, batch)[warm_up:]
         parts = finish(parts, history)
-        rest.append((sum(parts.values()) - parts["solve"] - parts["gather"] - parts["surrogate"]) / steps)
-        update.append(parts["surrogate"] / steps)
+        seconds["surrogate"].append(parts["surrogate"] / steps)
+        seconds["rest"].append((sum(parts.values()) - parts["solve"] - parts["gather"] - parts["surrogate"]) / steps)
     per_point = 1 + config["estimator"]["tangents"]
     item_bytes = len(pickle.dumps(([0.1] * per_point, 0.1), protocol=pickle.HIGHEST_PROTOCOL))
-    params = {"network": sum(p.numel() for p in experiment.meta_solver.parameters()),
-              "surrogate": sum(p.numel() for p in surrogate.net.parameters()) if surrogate is not None else 0,
-              "surrogate_steps": surrogate.steps if surrogate is not None else 0,
-              "surrogate_rows": surrogate.batch_size if surrogate is not None else 0}
-    return np.array(rest), np.array(update), item_bytes, params
+    sizes = {"network": sum(p.numel() for p in experiment.meta_solver.parameters()),
+             "theta": experiment.blackbox.space.dim,
+             "surrogate": sum(p.numel() for p in surrogate.net.parameters()) if surrogate is not None else 0,
+             "surrogate_steps": surrogate.steps if surrogate is not None else 0,
+             "surrogate_rows": surrogate.batch_size if surrogate is not None else 0}
+    return {k: np.array(v) for k, v in seconds.items()}, item_bytes, sizes
+
+
+def nonnegative_least_squares(design: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Coefficients ≥ 0 (a cost has no negative part) minimising ‖design·c − target‖."""
+    from scipy.optimize import nnls
+
+    return nnls(design, np.asarray(target, dtype=float))[0]
 
 
 def unpack_seconds_per_item(item_bytes: int, items: int = 4096) -> float:
@@ -158,13 +169,19 @@ def solve_phase(times: np.ndarray, ranks: int, batch: int, schedule: str, rng: n
 
 
 class StepModel:
-    """T(P, B) for one family from its measured inputs (see the module docstring)."""
+    """T(P, B) for one family from its measured inputs (see the module docstring). `fits` holds the
+    coefficients (r0, r1) of "rest" and (w0, w1, w2) of "surrogate"; `sizes` what the collectives move."""
 
-    def __init__(self, times: np.ndarray, r0: float, r1: float, u0: float, u1: float, item_bytes: int, unpack: float,
-                 params: dict, alpha: float = ALPHA, beta: float = BETA) -> None:
-        self.times, self.r0, self.r1, self.u0, self.u1 = times, r0, r1, u0, u1
-        self.item_bytes, self.unpack, self.params = item_bytes, unpack, params
+    def __init__(self, times: np.ndarray, fits: dict[str, tuple[float, float]], item_bytes: int, unpack: float,
+                 sizes: dict, alpha: float = ALPHA, beta: float = BETA) -> None:
+        self.times, self.fits = times, fits
+        self.item_bytes, self.unpack, self.sizes = item_bytes, unpack, sizes
         self.alpha, self.beta = alpha, beta
+
+    def _collective(self, ranks: int, words: float, reduce: bool) -> float:
+        """One allreduce (Rabenseifner: latency log P, twice the bandwidth term) or all-gather of 8-byte words."""
+        lg = math.ceil(math.log2(ranks))
+        return (2 if reduce else 1) * (self.alpha * lg + self.beta * (ranks - 1) / ranks * 8 * words)
 
     def gather(self, ranks: int, batch: int) -> float:
         if ranks == 1:
@@ -173,12 +190,14 @@ class StepModel:
         return 2 * self.alpha * lg + self.beta * (ranks - 1) / ranks * batch * self.item_bytes + self.unpack * batch
 
     def replicated(self, ranks: int, batch: int, split: bool) -> float:
-        update = self.u0 + self.u1 * max(batch, self.params.get("surrogate_rows", 0))
+        (r0, r1), (w0, w1, w2) = self.fits["rest"], self.fits["surrogate"]
+        rest = r0 + r1 * batch
+        surrogate = w0 + w1 * max(batch, self.sizes.get("surrogate_rows", 0)) + w2 * batch
         if not split or ranks == 1:
-            return self.r0 + self.r1 * batch + update
-        allreduce = 2 * (2 * self.alpha * math.ceil(math.log2(ranks))
-                         + 2 * self.beta * (ranks - 1) / ranks * 8 * (1 + self.params["surrogate"]))
-        return self.r0 + self.r1 * batch + update / ranks + self.params["surrogate_steps"] * allreduce
+            return rest + surrogate
+        collectives = (self.sizes["surrogate_steps"] * 2 * self._collective(ranks, 1 + self.sizes["surrogate"], True)
+                       + self._collective(ranks, batch * self.sizes["theta"], False))
+        return rest + surrogate / ranks + collectives
 
     def step(self, ranks: int, batch: int, schedule: str, split: bool = False, seed: int = 0) -> float:
         solve = solve_phase(self.times, ranks, batch, schedule, np.random.default_rng(seed))
@@ -190,7 +209,7 @@ class StepModel:
 
 def validate(model_inputs: dict, throughput: dict) -> list[dict]:
     """Model vs measured steps/s on 1, 2, 4 ranks for the heterogeneous family (strong scaling, B = 16),
-    the surrogate update repeated or split. Allreduces over shared memory are taken as free."""
+    the surrogate work repeated or split. Collectives over shared memory are taken as free."""
     raw = throughput["raw"]
     family = next(k for k in raw if k.startswith("diffusion")).split("|")[0]
     serial = raw[f"{family}|1|static|0"]
@@ -199,7 +218,7 @@ def validate(model_inputs: dict, throughput: dict) -> list[dict]:
     times, batch = model_inputs["times"], 16
     scale = parts["solve"] / steps / batch / times.mean()  # this run's load, not the in-process one's
     rest = (sum(parts.values()) - parts["solve"] - parts["gather"] - parts["surrogate"]) / steps
-    update = parts["surrogate"] / steps
+    surrogate = parts["surrogate"] / steps
     capacity = throughput["machine_capacity"]
     rows = []
     for key, run in raw.items():
@@ -208,12 +227,13 @@ def validate(model_inputs: dict, throughput: dict) -> list[dict]:
         if name != family:
             continue
         slow = 1.0 if ranks == 1 else ranks / capacity
-        model = StepModel(times * scale * slow, rest * slow, 0.0, update * slow, 0.0, 0, 0.0,
-                          {"surrogate": 0, "surrogate_steps": 0}, alpha=0.0, beta=0.0)
+        fits = {"rest": (rest * slow, 0.0), "surrogate": (surrogate * slow, 0.0, 0.0)}
+        model = StepModel(times * scale * slow, fits, 0, 0.0, {"surrogate": 0, "surrogate_steps": 0, "theta": 0},
+                          alpha=0.0, beta=0.0)
         predicted = (model.step(ranks, batch, schedule, split=chunk_rows != "0")
                      + (run.get("allgather_seconds", 0.0) if ranks > 1 else 0.0))
         measured = run["seconds"] / run["steps"]
-        rows.append({"ranks": ranks, "schedule": schedule, "surrogate update": "split" if chunk_rows != "0" else "repeated",
+        rows.append({"ranks": ranks, "schedule": schedule, "surrogate work": "split" if chunk_rows != "0" else "repeated",
                      "measured_steps_per_s": 1 / measured, "model_steps_per_s": 1 / predicted,
                      "error": f"{100 * (measured / predicted - 1):+.0f}%"})
     return rows
@@ -221,23 +241,24 @@ def validate(model_inputs: dict, throughput: dict) -> list[dict]:
 
 def run(out: Path, quick: bool = False) -> dict:
     tasks = 24 if quick else 96
-    batches = [8, 256] if quick else [8, 32, 128, 256]
+    batches = [8, 32, 256] if quick else [8, 32, 128, 256]
     models, inputs = {}, {}
     for name, (make_config, _) in FAMILIES.items():
         times = item_seconds(make_config, tasks)
-        rest, update, item_bytes, params = replicated_seconds(make_config, batches)
-        r1, r0 = (max(float(c), 0.0) for c in np.polyfit(np.array(batches, dtype=float), rest, 1))
-        rows = np.maximum(np.array(batches, dtype=float), params["surrogate_rows"])  # the update's minibatch
-        u1, u0 = (max(float(c), 0.0) for c in np.polyfit(rows, update, 1))
-        replicated = rest + update
+        seconds, item_bytes, sizes = replicated_seconds(make_config, batches)
+        b = np.array(batches, dtype=float)
+        slope, intercept = np.polyfit(b, seconds["rest"], 1)
+        design = np.stack([np.ones_like(b), np.maximum(b, sizes["surrogate_rows"]), b], axis=1)
+        fits = {"rest": (max(float(intercept), 0.0), max(float(slope), 0.0)),
+                "surrogate": tuple(max(float(c), 0.0) for c in nonnegative_least_squares(design, seconds["surrogate"]))}
         unpack = unpack_seconds_per_item(item_bytes)
-        models[name] = StepModel(times, r0, r1, u0, u1, item_bytes, unpack, params)
+        models[name] = StepModel(times, fits, item_bytes, unpack, sizes)
         inputs[name] = {"times": times, "item_ms_mean": 1e3 * times.mean(), "item_ms_p10_p90":
                         [1e3 * float(np.percentile(times, 10)), 1e3 * float(np.percentile(times, 90))],
-                        "max_over_min": float(times.max() / times.min()), "replicated_ms": (1e3 * replicated).tolist(),
-                        "r0_ms": 1e3 * r0, "r1_us_per_task": 1e6 * r1, "u0_ms": 1e3 * u0, "u1_us_per_task": 1e6 * u1,
-                        "item_bytes": item_bytes,
-                        "unpack_us_per_item": 1e6 * unpack, "params": params}
+                        "max_over_min": float(times.max() / times.min()),
+                        "measured_ms": {k: (1e3 * v).tolist() for k, v in seconds.items()}, "batches": batches,
+                        "fits_seconds": fits,
+                        "item_bytes": item_bytes, "unpack_us_per_item": 1e6 * unpack, "sizes": sizes}
     results_json = out / "mpi_throughput.json"
     throughput = json.loads(results_json.read_text()) if results_json.exists() else None
     if throughput is None or "raw" not in throughput:
@@ -250,7 +271,7 @@ def run(out: Path, quick: bool = False) -> dict:
         model = models[name]
         for schedule in ("static", "balanced"):
             for split in (False, True):
-                label = f"{name}, {schedule}, surrogate update {'split' if split else 'repeated'}"
+                label = f"{name}, {schedule}, surrogate work {'split' if split else 'repeated'}"
                 curves[label] = [model.efficiency(p, per_rank, schedule, split) for p in RANKS]
         for p in (256, 1024):
             row = {"family": name, "ranks": p, "batch_per_rank": per_rank}
@@ -261,22 +282,27 @@ def run(out: Path, quick: bool = False) -> dict:
         for p in (256, 1024):
             for split in (False, True):
                 needed = next((b for b in BATCHES if model.efficiency(p, b, "balanced", split) >= 0.8), None)
-                thresholds.append({"family": name, "ranks": p, "surrogate update": "split" if split else "repeated",
+                thresholds.append({"family": name, "ranks": p, "surrogate work": "split" if split else "repeated",
                                    "min_batch_per_rank_for_80%": needed if needed is not None else f"> {BATCHES[-1]}"})
     _plot(curves, out / "scaling_model.png")
     demo = models[list(FAMILIES)[0]]
     demo_256 = demo.efficiency(256, 8, "balanced", True)
     demo_256_built = demo.efficiency(256, 8, "balanced", False)
-    input_rows = [{"family": k, "item_ms_mean": v["item_ms_mean"], "item_max/min": v["max_over_min"],
-                   "rest_ms = r0 + r1 B": f"{v['r0_ms']:.2f} + {v['r1_us_per_task'] / 1e3:.3f} B",
-                   "surrogate_update_ms = u0 + u1 max(B, m)": f"{v['u0_ms']:.2f} + {v['u1_us_per_task'] / 1e3:.3f} max(B, 128)",
-                   "bytes_per_item": v["item_bytes"], "params (network, surrogate)":
-                   f"{v['params']['network']}, {v['params']['surrogate']}"} for k, v in inputs.items()]
+    input_rows = []
+    for k, v in inputs.items():
+        (r0, r1), (w0, w1, w2) = v["fits_seconds"]["rest"], v["fits_seconds"]["surrogate"]
+        m = v["sizes"]["surrogate_rows"]
+        input_rows.append({"family": k, "item_ms_mean": v["item_ms_mean"], "item_max/min": v["max_over_min"],
+                           "rest_ms": f"{1e3 * r0:.2f} + {1e3 * r1:.4f} B",
+                           "surrogate_ms": f"{1e3 * w0:.2f} + {1e3 * w1:.4f} max(B, {m}) + {1e3 * w2:.4f} B",
+                           "bytes_per_item": v["item_bytes"],
+                           "params (network, surrogate)": f"{v['sizes']['network']}, {v['sizes']['surrogate']}"})
     markdown = (
         "Model (derivation in `benchmarks/scaling_model.py`): T(P, B) = S(P, B) + R(B) + C(P, B), solve "
         "phase S by Monte Carlo over the measured per-item times (static blocks or longest-first), "
-        "replicated work R = r0 + r1 B + U(B) (U = u0 + u1 max(B, 128): the surrogate update, which `[surrogate] chunk_rows` splits "
-        "across ranks with two fixed-point allreduces per surrogate step) fitted in-process, all-gather C with InfiniBand EDR constants "
+        "work besides the solves R = rest + the surrogate's work (its gradient at each task and its update: "
+        "what `[surrogate] chunk_rows` splits across ranks, with an all-gather and two fixed-point allreduces "
+        "per surrogate step), each fitted in-process, all-gather C with InfiniBand EDR constants "
         f"α = {ALPHA * 1e6:g} µs, β = 1/{1 / BETA / 1e9:g} GB/s (OSU micro-benchmarks; Thakur et al. 2005 "
         "cost models). Weak scaling: the batch per rank stays fixed.\n\n"
         f"Measured inputs (in-process, shared machine):\n\n{markdown_table(input_rows)}\n\n"
@@ -285,7 +311,7 @@ def run(out: Path, quick: bool = False) -> dict:
         f"Model error on 2 and 4 ranks: up to {max(errors) if errors else float('nan'):.0f}%.\n\n"
         f"Weak-scaling efficiency (model):\n\n{markdown_table(rows)}\n\n"
         f"Demo-sized batch (8 per rank) at 256 ranks, balanced: **{100 * demo_256_built:.0f}%** as built "
-        f"(every rank repeats the surrogate update), "
+        f"(every rank repeats the surrogate work on the global batch), "
         f"**{100 * demo_256:.0f}%** with it split across ranks (goal >= 85%: "
         f"{'met' if demo_256 >= 0.85 else 'missed'} with the split, "
         f"{'met' if demo_256_built >= 0.85 else 'missed'} as built).\n\n"

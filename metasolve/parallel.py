@@ -95,6 +95,9 @@ class SerialExecutor:
 
     allreduce = staticmethod(local_allreduce)
 
+    def allgather(self, obj: Any) -> list[Any]:
+        return [obj]
+
     def barrier(self) -> None:
         """Nothing to wait for."""
 
@@ -185,6 +188,10 @@ class MPIExecutor:
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's `obj` on every rank (e.g. a checkpoint only the root has read)."""
         return self.comm.bcast(obj, root=0)
+
+    def allgather(self, obj: Any) -> list[Any]:
+        """Every rank's `obj`, in rank order, on every rank."""
+        return self.comm.allgather(obj)
 
     def allreduce(self, array: np.ndarray, op: str) -> np.ndarray:
         """Elementwise "max" or "sum" of every rank's `array` (integer arrays: exact, in any order)."""

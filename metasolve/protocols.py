@@ -72,6 +72,10 @@ class Executor(Protocol):
 
     def broadcast(self, obj: Any) -> Any: ...
 
+    def allgather(self, obj: Any) -> list[Any]:
+        """Every rank's `obj`, in rank order, on every rank."""
+        ...
+
     def allreduce(self, array: Any, op: str) -> Any:
         """Elementwise "max" or "sum" of every rank's numpy `array`, on every rank."""
         ...

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -135,13 +135,14 @@ class Surrogate:
     the seconds they took.
 
     Under MPI every rank holds the same surrogate and draws the same minibatches, so by default
-    every rank repeats the whole update. `chunk_rows = m > 0` splits it: a step's minibatch is cut
-    into ⌈rows/m⌉ chunks of m rows, `executor` rank r computes the loss gradient of chunks r,
-    r + P, …, and the chunk gradients are summed across ranks in fixed point
-    (`metasolve.exact_sum`), so the step is the same to the bit on any number of ranks — and
-    different from the unsplit step only in rounding. Each rank then does 1/P of the work; one
-    rank alone does ⌈rows/m⌉ smaller passes instead of one, so m is best set to the minibatch
-    divided by the rank count the job runs on.
+    every rank repeats the whole update (and the gradient at every task of the batch).
+    `chunk_rows = m > 0` splits both: a step's minibatch is cut into ⌈rows/m⌉ chunks of m rows,
+    `executor` rank r computes the loss gradient of chunks r, r + P, …, and the chunk gradients
+    are summed across ranks in fixed point (`metasolve.exact_sum`), so the step is the same to
+    the bit on any number of ranks — and different from the unsplit step only in rounding; the
+    batch's ∇_θ f̂ rows are computed in the same chunks and all-gathered. Each rank then does 1/P
+    of the work; one rank alone does ⌈rows/m⌉ smaller passes instead of one, so m is best set
+    to the minibatch divided by the rank count the job runs on.
     """
 
     def __init__(self, net: nn.Module, lr: float = 1e-3, value_weight: float = 1.0,
@@ -160,6 +161,7 @@ class Surrogate:
         self.batch_size, self.chunk_rows = int(batch_size), int(chunk_rows)
         self.rank, self.size = (0, 1) if executor is None else (executor.rank, executor.size)
         self.allreduce: Allreduce = local_allreduce if executor is None else executor.allreduce
+        self.allgather: Callable[[Any], list] = (lambda obj: [obj]) if executor is None else executor.allgather
         self.generator = torch.Generator().manual_seed(seed)
         self.last_loss = float("nan")
         self.last_metrics: dict[str, float] = {}
@@ -204,9 +206,18 @@ class Surrogate:
         return value, gradient
 
     def gradient(self, features: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-        """Exact ∇_θ f̂ at each row, [B, d] (rows are independent, so one backward serves all)."""
+        """Exact ∇_θ f̂ at each row, [B, d] (rows are independent, so one backward serves all).
+        With `chunk_rows`, the ranks share the rows in the same fixed chunks as the update and
+        all-gather them: every chunk is computed by the same operations wherever it runs."""
         with torch.enable_grad():
-            return self._value_and_gradient(features, theta, create_graph=False)[1].detach()
+            if not self.chunk_rows:
+                return self._value_and_gradient(features, theta, create_graph=False)[1].detach()
+            n_chunks = -(-theta.shape[0] // self.chunk_rows)
+            rows = [slice(c * self.chunk_rows, (c + 1) * self.chunk_rows) for c in range(n_chunks)]
+            mine = {c: self._value_and_gradient(features[rows[c]], theta[rows[c]], create_graph=False)[1].detach()
+                    for c in range(self.rank, n_chunks, self.size)}
+        gathered = {c: part for parts in self.allgather(mine) for c, part in parts.items()}
+        return torch.cat([gathered[c] for c in range(n_chunks)])
 
     def update(self, features: torch.Tensor, theta: torch.Tensor, values: torch.Tensor,
                tangents: torch.Tensor, derivatives: torch.Tensor) -> None:
