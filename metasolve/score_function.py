@@ -25,6 +25,22 @@ because E[c(k) ∇ log p(k)] = Σ_k c(k) ∇p(k) = ∇ Σ_k p(k) c(k) when c is 
   updated *after* the estimate, so c does not depend on the current samples and the estimate
   stays unbiased for any ĉ.
 
+The cost model is poor exactly when the policy moves most, in the first steps: it has seen
+little, and its error r(k) = f(k) − ĉ(k) is then mostly a shift common to every k of a task (a
+log cost of ~7 against an untrained prediction of ~0, or a task's size). The sampled correction
+carries that shift as a large random push on whichever value was drawn. The centre solve —
+the deployed value k* = argmax p_θ, solved at every step anyway — removes it: a second
+baseline b = r(k*) enters the correction as
+
+    w_j (r(k_j) − r(k*)) ∇ log p_θ(k_j),    w_j = p_θ(k_j)/q(k_j),
+
+and stays unbiased, because k* and f(k*) are fixed by θ and the task, not by the sample k_j:
+E_{k~q}[w b ∇ log p_θ(k)] = b Σ_k ∇p_θ(k) = 0. The correction then only carries the model's error
+in *differences* between values, which is what the policy needs (the exact term too depends only
+on differences of ĉ). A centre that failed has no cost of its own (its charge below is drawn from
+the sample's), so that task's baseline is 0; whether the centre fails does not depend on the
+sample either.
+
 Continuous parts of the same space (e.g. a Choice of solver plus an ω) get the forward gradient
 at the deployed (most probable) discrete value: f(k*, θ_c + εv) − f(k*, θ_c) along Rademacher
 tangents v on the continuous coordinates only.
@@ -51,8 +67,13 @@ from metasolve.surrogate import Standardize
 class CostModel:
     """ĉ(features) → predicted cost of every joint discrete value, fitted on a replay buffer.
 
-    An MLP with one output per joint value, trained by least squares on the observed
-    (features, k, cost) triples only (the other outputs of a row get no loss). The buffer keeps
+    An MLP with one output per joint value plus the mean cost in the buffer, trained by least
+    squares on the observed (features, k, cost) triples only (the other outputs of a row get no
+    loss). The offset is there because the net's output starts near 0 and Adam moves a bias by
+    about `lr` per step: reaching a mean log10 work of ~7 would take ~700 steps, most of a short
+    run, during which the loss is spent on the offset rather than on the differences between
+    values that the policy follows. The offset is a function of the buffer, so it resumes
+    exactly, and it changes only when data are added, before the next fit. The buffer keeps
     the most recent `capacity` observations; each estimate adds its solves and takes `steps`
     Adam steps on minibatches drawn from the buffer with the model's own generator, so a
     resumed run draws the same minibatches.
@@ -75,7 +96,8 @@ class CostModel:
 
     def predict(self, features: torch.Tensor) -> torch.Tensor:
         """[B, n_values] predicted costs."""
-        return self.net(features.to(torch.float64))
+        offset = self.costs.mean() if self.costs.numel() else 0.0
+        return self.net(features.to(torch.float64)) + offset
 
     def add(self, features: torch.Tensor, indices: torch.Tensor, costs: torch.Tensor) -> None:
         self.features = torch.cat([self.features, features])[-self.capacity:]
@@ -149,9 +171,10 @@ class ScoreFunction:
 
     @property
     def uses_centre(self) -> bool:
-        """Only the continuous parts' differences use the centre's value. A discrete estimate does
-        not, so a failed centre — the deployed choice failing — must still move the policy away
-        from it (BlackBox zeroes the gradient of a failed centre only when this is True)."""
+        """Only the continuous parts' differences need the centre's value. A discrete estimate uses
+        it as a baseline only when it solved, so a failed centre — the deployed choice failing —
+        must still move the policy away from it (BlackBox zeroes the gradient of a failed centre
+        only when this is True)."""
         return bool(self.continuous.any())
 
     # -- the policy ---------------------------------------------------------------------------
@@ -209,9 +232,11 @@ class ScoreFunction:
 
     def gradient(self, theta: torch.Tensor, points: torch.Tensor, values: torch.Tensor,
                  upstream: torch.Tensor, tasks: Sequence[Any]) -> torch.Tensor:
+        centre_solved = torch.isfinite(values[:, 0])
         values = self._charged(values)
         sampled = values[:, 1:1 + self.samples]
         joints = torch.tensor([[self._joint_index(p) for p in task_points[:self.samples]] for task_points in points])
+        centre_joints = torch.tensor([self._joint_index(row) for row in theta])
         features = torch.stack([t.features for t in tasks]).to(torch.float64) if self.cost_model is not None else None
         predicted = self.cost_model.predict(features).detach() if self.cost_model is not None else None
         usable = torch.isfinite(sampled).all(1)  # every sample failed: the task gives no gradient this step
@@ -226,14 +251,16 @@ class ScoreFunction:
                 per_task = (weights * (sampled - others) * sampled_log_p).mean(1)
             else:
                 exact = (torch.exp(log_p) * predicted).sum(1)
-                per_task = exact + (weights * (sampled - predicted.gather(1, joints)) * sampled_log_p).mean(1)
+                centre_error = values[:, 0] - predicted.gather(1, centre_joints[:, None])[:, 0]
+                baseline = torch.where(centre_solved, centre_error, torch.zeros_like(centre_error))
+                residual = sampled - predicted.gather(1, joints) - baseline[:, None]
+                per_task = exact + (weights * residual * sampled_log_p).mean(1)
             (grad,) = torch.autograd.grad((per_task * usable).sum(), leaf)
         if self.continuous.any():
             grad = grad + torch.stack([self._continuous_gradient(row, points[b, self.samples:], values[b])
                                        for b, row in enumerate(theta)])
         estimate = upstream[:, None] * grad
         if self.cost_model is not None:
-            centre_joints = torch.tensor([self._joint_index(row) for row in theta])
             seen = torch.cat([values[:, 1:1 + self.samples].reshape(-1), values[:, 0]])
             known = torch.isfinite(seen)
             self.cost_model.add(torch.cat([features.repeat_interleave(self.samples, 0), features])[known],

@@ -93,6 +93,24 @@ def test_cost_model_baseline_stays_unbiased_and_cuts_variance():
     assert guided_draws.var(0).sum() < 0.2 * plain_draws.var(0).sum()
 
 
+def test_centre_baseline_cancels_a_cost_model_offset_and_stays_unbiased():
+    """The correction uses r(k_j) − r(k*), r = f − ĉ, and the exact term Σ_k p_k ĉ_k moves only with
+    differences of ĉ: a cost model off by a constant (an untrained one predicts ~0 for log costs ~7)
+    must give draw for draw the same estimate as one without the offset, and an unbiased one."""
+    space = Space({"pc": Choice(["a", "b", "c", "d"])})
+    cost = torch.tensor([7.0, 6.2, 6.5, 8.0], dtype=torch.float64)
+    theta = torch.tensor([0.1, -0.3, 0.2, 0.0], dtype=torch.float64)
+    draws = []
+    for offset in (0.0, -7.0):
+        model = CostModel(feature_dim=2, n_values=4, steps=0)
+        with torch.no_grad():
+            model.net[-1].weight.zero_()
+            model.net[-1].bias.copy_(cost + offset + torch.tensor([0.3, -0.2, 0.1, 0.4], dtype=torch.float64))
+        estimator = ScoreFunction(space, samples=1, cost_model=model, exploration=0.3)
+        draws.append(_analytic_estimator_check(estimator, space, cost, theta, draws=1500)[1])
+    assert torch.allclose(draws[0], draws[1], rtol=0.0, atol=1e-12)
+
+
 def test_exploration_keeps_the_estimate_unbiased():
     """Sampling from (1 − ε)p + ε/n with p/q weights has the same expectation as on-policy sampling."""
     space = Space({"pc": Choice(["a", "b", "c"])})
