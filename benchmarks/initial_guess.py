@@ -98,6 +98,7 @@ def train(train_tasks: list, solver: dict, method: str, steps: int, seed: int, s
     base = ForwardGradient(tangents=2, eps=1e-4)
     if method in PRETRAINED:
         meta.fit_normalizer(train_tasks)
+        untrained = {k: v.clone() for k, v in meta.state_dict().items()}
         box = BlackBox(KSPOracle(**solver, rtol=RTOL), space, ResidualArea(RTOL),
                        ControlVariate(base, Surrogate(Surrogate.mlp(feature_dim, space.dim, hidden=64), lr=1e-3)),
                        seed=seed)
@@ -111,7 +112,7 @@ def train(train_tasks: list, solver: dict, method: str, steps: int, seed: int, s
             hand_over(optimizer, scheduler, report, meta)
             trainer.fit(train_tasks, steps, BATCH)
             validation = family.tasks(range(len(train_tasks), len(train_tasks) + 16))
-            trainer.pretrain_report += f"; {keep_better(meta, box, pretrained, validation)}"
+            trainer.pretrain_report += f"; {keep_better(meta, box, {'untrained': untrained, 'pretrained': pretrained}, validation)}"
         return trainer
     if method == "forward gradient":
         estimator = base
@@ -261,8 +262,7 @@ def _markdown(rows: list[dict], quick: bool) -> str:
         both = by["regression + through-solver"]["mean iterations (median over seeds)"]
         verdicts.append(f"- {solver}: regression on solutions {regression:.0f} ({100 * (regression / zero - 1):+.0f}%), "
                         f"then through the solver {both:.0f} ({100 * (both / zero - 1):+.0f}%)"
-                        + (" — CG needs a guess accurate to ~1e-4 before it saves iterations; a guess barely helps "
-                           "here" if "cg" in solver else "") + ".")
+                        + ".")
         verdicts.append(f"- {solver}: control variate {cv:.0f} vs zero guess {zero:.0f} "
                         f"({100 * (cv / zero - 1):+.0f}%, goal <= -50%: {'met' if cv <= 0.5 * zero else 'missed'}); "
                         f"vs PETSc's best guess {petsc:.0f} ({'ahead' if cv < petsc else 'behind'}); "

@@ -84,23 +84,24 @@ def train(config: dict, out: Path, resume: bool = False, quiet: bool = False,
     resumed = resume and any((out / "checkpoints").glob("*.pt"))
     if not resumed:  # a broken setting stops here, before pretraining or training spends solves
         trainer.preflight(experiment.eval_tasks)
-    pretrained = _pretrain(config, experiment, executor, resumed=resumed)
-    kept_path = out / "pretrained.pt"  # a resumed run still compares with the pretrained weights
-    if pretrained is not None:
-        _on_root(executor, lambda: torch.save(pretrained, kept_path))
+    candidates = _pretrain(config, experiment, executor, resumed=resumed)
+    kept_path = out / "pretrained.pt"  # a resumed run still compares with the untrained and pretrained weights
+    if candidates is not None:
+        _on_root(executor, lambda: torch.save(candidates, kept_path))
     elif resumed:
-        pretrained = _on_root(executor, lambda: torch.load(kept_path, weights_only=True) if kept_path.exists() else None)
+        candidates = _on_root(executor, lambda: torch.load(kept_path, weights_only=True) if kept_path.exists() else None)
     history = trainer.fit(experiment.train_tasks, settings["steps"], settings["batch_size"],
                           eval_tasks=experiment.eval_tasks, eval_every=settings["eval_every"],
                           resume=resume, metrics_path=out / "metrics.jsonl")
-    if pretrained is not None:
+    if candidates is not None:
         from metasolve.pretrain import keep_better
 
         n = len(experiment.train_tasks)
-        kept = keep_better(experiment.meta_solver, experiment.blackbox, pretrained,
+        kept = keep_better(experiment.meta_solver, experiment.blackbox, candidates,
                            experiment.family.tasks(range(n, n + min(16, n))))
-        _say(executor, f"metasolve: training cost on validation tasks: pretrained {kept['pretrained_cost']:.6g}, "
-                       f"trained {kept['trained_cost']:.6g}: keeping the {kept['kept']} weights")
+        costs = ", ".join(f"{name} {cost:.6g}" for name, cost in kept["costs"].items())
+        _say(executor, f"metasolve: training cost on validation tasks: {costs} (untrained: the zero guess); "
+                       f"keeping the {kept['kept']} weights")
     seconds = time.perf_counter() - begin
     evaluation = trainer.evaluate(experiment.eval_tasks, baselines=_baseline(config), cost=experiment.evaluation_cost)
     if executor.is_root:
@@ -122,16 +123,17 @@ def train(config: dict, out: Path, resume: bool = False, quiet: bool = False,
 def _pretrain(config: dict, experiment: Experiment, executor, resumed: bool) -> dict | None:
     """Fit the initial guess to the solver's own solutions first (one counted solve per training
     task), unless `[pretrain] enabled = false`, the space has no guess, or a checkpoint resumes;
-    the pretrained weights, for `keep_better` after training."""
+    the untrained and the pretrained weights, for `keep_better` after training."""
     from metasolve.pretrain import guess_parts, hand_over, pretrain
 
     if resumed or not config["pretrain"]["enabled"] or not guess_parts(experiment.blackbox.space):
         return None
     trainer = experiment.trainer
+    untrained = {k: v.clone() for k, v in experiment.meta_solver.state_dict().items()}
     report = pretrain(experiment.meta_solver, experiment.blackbox, experiment.train_tasks)
     lr = hand_over(trainer.optimizer, trainer.scheduler, report, experiment.meta_solver)
     _say(executor, f"metasolve: {report.describe()}; training through the solver continues at learning rate {lr:.3g}")
-    return {k: v.clone() for k, v in experiment.meta_solver.state_dict().items()}
+    return {"untrained": untrained, "pretrained": {k: v.clone() for k, v in experiment.meta_solver.state_dict().items()}}
 
 
 def evaluate(checkpoint: Path, tasks: int | None) -> dict:

@@ -27,7 +27,7 @@ import copy
 import math
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -254,22 +254,29 @@ def hand_over(optimizer: torch.optim.Optimizer, scheduler: Any, report: Pretrain
     return float(optimizer.param_groups[0]["lr"])
 
 
-def keep_better(meta_solver: nn.Module, blackbox: Any, pretrained: dict[str, torch.Tensor],
+def keep_better(meta_solver: nn.Module, blackbox: Any, candidates: Mapping[str, dict[str, torch.Tensor]],
                 validation: Sequence[Any]) -> dict[str, Any]:
-    """After training through the solver, keep whichever of the pretrained and the trained weights
-    has the lower training cost on `validation` tasks (neither training nor evaluation tasks; two
-    solves each, counted as evaluation solves). Training through the solver may not undo the
-    regression: where the Euclidean projection is already what the solver needs, a noisy
-    gradient estimate only moves θ away from it."""
+    """Keep whichever weights — the current ("trained") ones or one of `candidates` (e.g. "untrained",
+    "pretrained") — have the lowest training cost on `validation` tasks (neither training nor
+    evaluation tasks; one solve per task and candidate, counted as evaluation solves).
+
+    Why: training through the solver may not undo the regression (where the Euclidean projection
+    is already what the solver needs, a noisy gradient estimate only moves θ away from it), and
+    the regression itself may not help every solver: a guess that is close in the 2-norm can still
+    cost a smoother iterations (measured: forward SSOR on high-contrast diffusion, +3% against the
+    zero guess). The untrained predictor (zero last layer, so θ = 0: the zero guess, the solver's
+    own default) is the baseline a user already has; a predictor that loses to it on validation
+    tasks is not deployed."""
     features = torch.stack([t.features for t in validation]).to(torch.float64)
-    trained_state = {k: v.clone() for k, v in meta_solver.state_dict().items()}
+    states = {"trained": {k: v.clone() for k, v in meta_solver.state_dict().items()}, **candidates}
+    costs = {}
     with torch.no_grad():
-        trained = float(np.nanmean(blackbox.evaluate(meta_solver(features), validation).numpy()))
-        meta_solver.load_state_dict(pretrained)
-        before = float(np.nanmean(blackbox.evaluate(meta_solver(features), validation).numpy()))
-        if trained < before:
-            meta_solver.load_state_dict(trained_state)
-    return {"pretrained_cost": before, "trained_cost": trained, "kept": "trained" if trained < before else "pretrained"}
+        for name, state in states.items():
+            meta_solver.load_state_dict(state)
+            costs[name] = float(np.nanmean(blackbox.evaluate(meta_solver(features), validation).numpy()))
+    kept = min(costs, key=lambda name: (costs[name], name != "trained"))  # ties keep the trained weights
+    meta_solver.load_state_dict(states[kept])
+    return {"costs": costs, "kept": kept}
 
 
 __all__ = ["GUESS_KEYS", "PretrainReport", "guess_parts", "hand_over", "keep_better", "pretrain", "ridge_loo", "solutions", "targets"]

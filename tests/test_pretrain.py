@@ -89,7 +89,9 @@ def test_hand_over_caps_the_learning_rate_at_the_regressions_leave_one_out_error
     assert hand_over(optimizer, scheduler, loose, meta) == pytest.approx(1e-4)  # never raised
 
 
-def test_keep_better_restores_the_pretrained_weights_when_training_made_them_worse():
+def test_keep_better_restores_the_best_of_untrained_pretrained_and_trained_weights():
+    """Training that moved the guess off the projection loses to the pretrained weights; a guess that
+    is worse than none at all loses to the untrained predictor (θ = 0, the zero guess)."""
     from metasolve.pretrain import keep_better
 
     family = Poisson1D(31, difficult_fraction=1.0)
@@ -97,13 +99,23 @@ def test_keep_better_restores_the_pretrained_weights_when_training_made_them_wor
     meta = MetaSolver(family.feature_dim, space, depth=0)
     train = family.train_tasks(24)
     meta.fit_normalizer(train)
+    untrained = {k: v.clone() for k, v in meta.state_dict().items()}
     pretrain(meta, _box(space), train)
     pretrained = {k: v.clone() for k, v in meta.state_dict().items()}
+    candidates = {"untrained": untrained, "pretrained": pretrained}
     jacobi = BlackBox(KSPOracle(ksp_type="richardson", pc_type="jacobi", options={"ksp_richardson_scale": 0.9}),
                       space, ResidualArea(1e-6, max_it=5000), ForwardGradient())
     with torch.no_grad():
         meta.net[0].bias.add_(0.1)  # "training" that moved the guess off the projection
-    kept = keep_better(meta, jacobi, pretrained, family.tasks(range(24, 28)))
-    assert kept["kept"] == "pretrained" and kept["trained_cost"] > kept["pretrained_cost"]
+    validation = family.tasks(range(24, 28))
+    kept = keep_better(meta, jacobi, candidates, validation)
+    costs = kept["costs"]
+    assert kept["kept"] == "pretrained" and costs["trained"] > costs["pretrained"] < costs["untrained"]
     assert all(torch.equal(meta.state_dict()[k], v) for k, v in pretrained.items())
-    assert jacobi.stats.evaluation_solves == 8
+    assert jacobi.stats.evaluation_solves == 12  # 3 candidates x 4 tasks
+    with torch.no_grad():
+        for parameter in meta.net.parameters():
+            parameter.mul_(-1.0)  # x0 = -(the projection of x*): an error twice the zero guess's
+    kept = keep_better(meta, jacobi, {"untrained": untrained}, validation)
+    assert kept["kept"] == "untrained" and kept["costs"]["trained"] > kept["costs"]["untrained"]
+    assert all(torch.equal(meta.state_dict()[k], v) for k, v in untrained.items())
