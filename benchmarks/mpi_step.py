@@ -6,12 +6,14 @@ step's results) and OUT_DIR/weights.pt.
 
 Parts of a step (wall time; they add up to the step):
 - `network`: the meta-solver's forward pass (its backward is in `other`),
-- `solve`: this rank's own solves (`fn` calls inside `executor.map`),
+- `solve`: this rank's own solves (`fn` calls inside `executor.map`, but for the surrogate
+  update the schedule may give it),
 - `gather`: the rest of `executor.map` — waiting at the all-gather for slower ranks, plus the
   all-gather itself and unpacking the results,
 - `estimator`: the gradient estimate, replicated on every rank, without the surrogate's work,
-- `surrogate`: the surrogate's work — its gradient at the batch's tasks and its update — which
-  every rank repeats, or shares with `[surrogate] chunk_rows`,
+- `surrogate`: the surrogate's work — its gradient at the batch's tasks, its update (run by one
+  rank inside the executor round, or by every rank, split with `[surrogate] chunk_rows`), and
+  adopting the update's result on every rank,
 - `other`: everything else (loss, network backward, optimizer step, bookkeeping).
 `instrument` wraps bound methods of one run's objects; nothing in the library is changed.
 """
@@ -47,15 +49,16 @@ def instrument(experiment: Any, executor: Any) -> tuple[dict, list]:
 
         def timed_fn(item: Any) -> Any:
             begin = time.perf_counter()
+            surrogate_before = parts["surrogate"]
             try:
                 return fn(item)
-            finally:
-                busy[0] += time.perf_counter() - begin
+            finally:  # a surrogate update the schedule gave this rank is surrogate work, not a solve
+                busy[0] += time.perf_counter() - begin - (parts["surrogate"] - surrogate_before)
 
-        begin = time.perf_counter()
+        begin, surrogate_before = time.perf_counter(), parts["surrogate"]
         result = original_map(timed_fn, items, keys=keys)
         parts["solve"] += busy[0]
-        parts["gather"] += time.perf_counter() - begin - busy[0]
+        parts["gather"] += time.perf_counter() - begin - busy[0] - (parts["surrogate"] - surrogate_before)
         solve_per_call.append(busy[0])
         return result
 
@@ -84,8 +87,8 @@ def instrument(experiment: Any, executor: Any) -> tuple[dict, list]:
 
     surrogate = getattr(estimator, "surrogate", None)
     if surrogate is not None:
-        surrogate.update = timed_surrogate(surrogate.update)
-        surrogate.gradient = timed_surrogate(surrogate.gradient)
+        for name in ("trained", "adopt", "gradient"):
+            setattr(surrogate, name, timed_surrogate(getattr(surrogate, name)))
     original_estimate = estimator.gradient
     estimator.gradient = timed_estimate
     return parts, solve_per_call

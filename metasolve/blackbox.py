@@ -53,8 +53,10 @@ class BlackBox:
 
     Forward runs one executor round holding the centre and every query point of every task
     (queries of one task go together, so an oracle with `solve_many` sets up its preconditioner
-    once); a query point that is NaN was not asked for and is not solved. Backward returns the
-    estimator's gradient times the upstream gradient.
+    once); a query point that is NaN was not asked for and is not solved. An estimator with work
+    left from its last estimate (`deferred()` → a callable, `adopt(result)`: the control variate's
+    surrogate update) gets it run as one more item of a training round, on whichever rank the
+    schedule picks. Backward returns the estimator's gradient times the upstream gradient.
 
     Failures: `failures="drop"` (default) hands a failed query to the estimator as NaN, which drops
     its tangent: a divergence cliff then looks like missing data. `failures="penalize"` charges it
@@ -121,7 +123,15 @@ class BlackBox:
 
         # A task with this many points costs what it cost last time: the key the balanced MPI schedule learns by.
         keys = [(getattr(task, "name", "") or id(task), n) for task, n in zip(tasks, asked.sum(dim=1).tolist())]
-        solved = self.executor.map(solve_task, range(len(tasks)), keys=keys)
+        # Work the estimator left for this round (its surrogate's update) runs as one more item,
+        # on whichever rank the schedule gives it, while the others solve.
+        deferred = getattr(self.estimator, "deferred", lambda: None)() if training else None
+        if deferred is not None:
+            keys.append(("estimator: deferred work", 0))
+        solved = self.executor.map(lambda index: deferred() if index == len(tasks) else solve_task(index),
+                                   range(len(keys)), keys=keys)
+        if deferred is not None:
+            self.estimator.adopt(solved.pop())
         values = torch.full(asked.shape, math.nan, dtype=torch.float64)
         values[asked] = torch.tensor([v for results in solved for v, _ in results], dtype=torch.float64)  # row-major
         errors: list[tuple[str, str, bool]] = []

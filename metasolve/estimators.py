@@ -292,7 +292,12 @@ class ControlVariate:
     least one and at most `4K` tangents; unused slots are NaN points that `BlackBox` never solves.
 
     The surrogate is updated *after* the estimate (its replay buffer gets this batch), so the
-    surrogate an estimate uses never saw its tangents either. `last_metrics` reports, on this
+    surrogate an estimate uses never saw its tangents either. The update is only needed by the
+    next estimate, so it is left `pending` and offered to the next executor round as one more work
+    item (`deferred`, `adopt`): under MPI one rank trains the surrogate while the others solve, the
+    balanced schedule counting its measured cost like a solve's, and every rank adopts the result —
+    the same surrogate, bit for bit, as updating right away. A round that does not run it (or a
+    split update, `chunk_rows > 0`, which is collective) leaves it to the next estimate's start. `last_metrics` reports, on this
     batch's tangents (held out from the surrogate): the surrogate's gradient cosine and
     ρ² = Σ(∂_v f − ∂_v f̂)²/Σ(∂_v f)² (= ‖∇f − ∇f̂‖²/‖∇f‖² in expectation for isotropic tangents),
     the variance ratio Σ(∂_v f − ∂_v(B f̂))²/Σ(∂_v f)² of this estimate against the forward
@@ -318,12 +323,32 @@ class ControlVariate:
         self.moments = {"scalar": _Moments(), "diagonal": _Moments()}
         self.task_residuals: dict[str, float] = {}
         self.last_metrics: dict[str, float] = {}
+        self.pending: dict[str, torch.Tensor] | None = None  # the last estimate's data, not yet trained on
 
     # ---- queries -------------------------------------------------------------------------
     def _guides(self, features: torch.Tensor, theta: torch.Tensor) -> torch.Tensor | None:
         if self.base.distribution != "guided":
             return None
+        self.flush()  # guides come from the up-to-date surrogate
         return self.surrogate.gradient(features, theta)
+
+    # ---- the surrogate update, deferred to the next executor round ---------------------------
+    def deferred(self) -> Callable[[], dict] | None:
+        """The pending surrogate update as a work item (any one rank may run it), or None."""
+        if self.pending is None or self.surrogate.chunk_rows:
+            return None
+        current = self.pending
+        return lambda: self.surrogate.trained(current)
+
+    def adopt(self, trained: dict) -> None:
+        """Take the pending update's result, computed on whichever rank ran `deferred`."""
+        self.surrogate.adopt(self.pending, trained)
+        self.pending = None
+
+    def flush(self) -> None:
+        """Run the pending update here (on every rank alike), if no executor round has."""
+        if self.pending is not None:
+            self.adopt(self.surrogate.trained(self.pending))
 
     def queries(self, theta: torch.Tensor, generator: torch.Generator, tasks: Sequence[Any]) -> torch.Tensor:
         features = self.surrogate.features_of(tasks)
@@ -382,6 +407,7 @@ class ControlVariate:
 
     def gradient(self, theta: torch.Tensor, points: torch.Tensor, values: torch.Tensor,
                  upstream: torch.Tensor, tasks: Sequence[Any]) -> torch.Tensor:
+        self.flush()
         tangents, derivatives = self.base.directional(theta, points, values)
         features = self.surrogate.features_of(tasks)
         surrogate_gradient = self.surrogate.gradient(features, theta)
@@ -408,7 +434,9 @@ class ControlVariate:
         estimate = upstream[:, None] * control + _combine(duals, upstream[:, None] * residual, self.base.combine)
         self._measure(tasks, known, f_dir, surrogate_derivatives, residual, beta)
         self.base.remember(estimate)
-        self.surrogate.update(features, theta, values[:, 0], tangents_clean, derivatives)
+        self.pending = self.surrogate.batch_of(features, theta, values[:, 0], tangents_clean, derivatives)
+        if self.surrogate.chunk_rows:
+            self.flush()  # the split update is collective: every rank, now
         return estimate
 
     def _measure(self, tasks: Sequence[Any], known: torch.Tensor, f_dir: torch.Tensor,
@@ -434,11 +462,13 @@ class ControlVariate:
 
     def state_dict(self) -> dict:
         """Everything a resumed run needs for identical continuation: the surrogate (net, optimizer,
-        replay buffer), the coefficient's moments, the guides and the allocation's memory."""
+        replay buffer), its pending update's data, the coefficient's moments, the guides and the
+        allocation's memory."""
         return {"surrogate": self.surrogate.state_dict(), "base": self.base.state_dict(),
                 "moments": {kind: None if m.sums is None else {k: v.clone() for k, v in m.sums.items()}
                             for kind, m in self.moments.items()},
-                "task_residuals": dict(self.task_residuals)}
+                "task_residuals": dict(self.task_residuals),
+                "pending": None if self.pending is None else {k: v.clone() for k, v in self.pending.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.surrogate.load_state_dict(state["surrogate"])
@@ -446,6 +476,7 @@ class ControlVariate:
         for kind, sums in state["moments"].items():
             self.moments[kind].sums = None if sums is None else {k: v.clone() for k, v in sums.items()}
         self.task_residuals = dict(state["task_residuals"])
+        self.pending = None if state["pending"] is None else {k: v.clone() for k, v in state["pending"].items()}
 
     def __repr__(self) -> str:
         return (f"ControlVariate({self.base!r}, {self.surrogate!r}, coefficient={self.coefficient!r}, "

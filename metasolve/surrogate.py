@@ -165,6 +165,7 @@ class Surrogate:
         self.generator = torch.Generator().manual_seed(seed)
         self.last_loss = float("nan")
         self.last_metrics: dict[str, float] = {}
+        self._trained_here = False
 
     @staticmethod
     def mlp(feature_dim: int, theta_dim: int, hidden: int = 64, depth: int = 2,
@@ -222,20 +223,45 @@ class Surrogate:
     def update(self, features: torch.Tensor, theta: torch.Tensor, values: torch.Tensor,
                tangents: torch.Tensor, derivatives: torch.Tensor) -> None:
         """`steps` optimizer steps on what the solver already produced (no extra solves)."""
-        begin = time.perf_counter()
+        current = self.batch_of(features, theta, values, tangents, derivatives)
+        self.adopt(current, self.trained(current))
+
+    @staticmethod
+    def batch_of(features: torch.Tensor, theta: torch.Tensor, values: torch.Tensor, tangents: torch.Tensor,
+                 derivatives: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One estimate's data as the update takes it (float64, detached)."""
         current = dict(zip(ReplayBuffer.FIELDS, (features, theta, values, tangents, derivatives)))
-        current = {k: v.detach().to(torch.float64) for k, v in current.items()}
+        return {k: v.detach().to(torch.float64) for k, v in current.items()}
+
+    def trained(self, current: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Run the `steps` optimizer steps on `current` (plus replay draws) and return what they
+        changed — weights, optimizer moments, the replay sampler — for `adopt`. Split in two so
+        that one rank can train while the others solve, and all ranks adopt its result."""
+        begin = time.perf_counter()
         previous = len(self.replay) if self.replay is not None else 0
         for _ in range(self.steps):
-            extra = min(self.batch_size - theta.shape[0], previous)
+            extra = min(self.batch_size - current["theta"].shape[0], previous)
             batch = current if extra <= 0 else ReplayBuffer.concat(current, self.replay.sample(extra, self.generator))
             loss = self._step(batch)
             if loss is None:
                 break
             self.last_loss = loss
+        self._trained_here = True  # this object already holds the result: `adopt` need not load it
+        return {"net": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "generator": self.generator.get_state(), "loss": self.last_loss, "seconds": time.perf_counter() - begin}
+
+    def adopt(self, current: dict[str, torch.Tensor], trained: dict[str, Any]) -> None:
+        """Take the result of `trained(current)`, computed here or on another rank, and add
+        `current` to the replay buffer."""
+        if not self._trained_here:
+            self.net.load_state_dict(trained["net"])
+            self.optimizer.load_state_dict(trained["optimizer"])
+            self.generator.set_state(trained["generator"])
+        self._trained_here = False
+        self.last_loss = trained["loss"]
         if self.replay is not None:
             self.replay.add(current)
-        self.last_metrics = {"loss": self.last_loss, "update_seconds": time.perf_counter() - begin}
+        self.last_metrics = {"loss": self.last_loss, "update_seconds": trained["seconds"]}
 
     def _step(self, batch: dict[str, torch.Tensor]) -> float | None:
         known = int(torch.isfinite(batch["values"]).sum())
