@@ -174,7 +174,8 @@ def solver_choice(quick: bool) -> dict:
     for name, chosen in methods.items():
         extra = overhead if name.startswith(("learned", "nearest")) else 0.0  # both need the task's features
         total = _total(seconds, chosen, extra)
-        rows.append({"method": name, "total_seconds": total, "vs_per_instance_best": total / best_total,
+        rows.append({"method": name, "total_seconds": total, "features_seconds": float(np.sum(extra)),
+                     "vs_per_instance_best": total / best_total,
                      "total_mflops": float(np.sum(flops[np.arange(n_eval), chosen])) / 1e6,
                      "failures": int(np.sum(eval_sweep["failed"][np.arange(n_eval), chosen])),
                      "matches_best": int(np.sum(chosen == per_instance))})

@@ -297,8 +297,10 @@ class ControlVariate:
     item (`deferred`, `adopt`): under MPI one rank trains the surrogate while the others solve, the
     balanced schedule counting its measured cost like a solve's, and every rank adopts the result —
     the same surrogate, bit for bit, as updating right away. A round that does not run it (or a
-    split update, `chunk_rows > 0`, which is collective) leaves it to the next estimate's start. `last_metrics` reports, on this
-    batch's tangents (held out from the surrogate): the surrogate's gradient cosine and
+    split update, `chunk_rows > 0`, which is collective) leaves it to the next estimate's start.
+
+    `last_metrics` reports, on this batch's tangents (held out from the surrogate): the
+    surrogate's gradient cosine and
     ρ² = Σ(∂_v f − ∂_v f̂)²/Σ(∂_v f)² (= ‖∇f − ∇f̂‖²/‖∇f‖² in expectation for isotropic tangents),
     the variance ratio Σ(∂_v f − ∂_v(B f̂))²/Σ(∂_v f)² of this estimate against the forward
     gradient's, and the mean coefficient.
