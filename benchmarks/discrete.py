@@ -229,7 +229,7 @@ def run(out: Path, quick: bool = False) -> dict:
     restart = gmres_restart(quick)
     markdown = (f"{choice['describe']}\n\nCandidates: {', '.join(choice['candidates'])}; rtol {RTOL}. "
                 f"Training solves: learned {choice['training_solves']}, tuner sweep {choice['tuner_solves']}. "
-                f"Time measured while other jobs shared the machine; every method reads the same measurements. "
+                f"Wall-clock times on this machine; every method reads the same measurements. "
                 f"A failed solve (diverged, not converged in {MAX_IT} iterations, crashed, hung 5 s) costs the "
                 f"wall time it took to fail and is counted under failures.\n\n"
                 f"{markdown_table(choice['rows'])}\n\n"
