@@ -167,7 +167,6 @@ class Surrogate:
         self.generator = torch.Generator().manual_seed(seed)
         self.last_loss = float("nan")
         self.last_metrics: dict[str, float] = {}
-        self._trained_here = False
 
     @staticmethod
     def mlp(feature_dim: int, theta_dim: int, hidden: int = 64, depth: int = 2,
@@ -248,18 +247,15 @@ class Surrogate:
             if loss is None:
                 break
             self.last_loss = loss
-        self._trained_here = True  # this object already holds the result: `adopt` need not load it
         return {"net": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "generator": self.generator.get_state(), "loss": self.last_loss, "seconds": time.perf_counter() - begin}
 
     def adopt(self, current: dict[str, torch.Tensor], trained: dict[str, Any]) -> None:
         """Take the result of `trained(current)`, computed here or on another rank, and add
         `current` to the replay buffer."""
-        if not self._trained_here:
-            self.net.load_state_dict(trained["net"])
-            self.optimizer.load_state_dict(trained["optimizer"])
-            self.generator.set_state(trained["generator"])
-        self._trained_here = False
+        self.net.load_state_dict(trained["net"])
+        self.optimizer.load_state_dict(trained["optimizer"])
+        self.generator.set_state(trained["generator"])
         self.last_loss = trained["loss"]
         if self.replay is not None:
             self.replay.add(current)
