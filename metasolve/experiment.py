@@ -151,7 +151,7 @@ def build_score_function(config: dict, features: torch.Tensor, space: Space) -> 
                           lr=config["surrogate"]["lr"], steps=config["surrogate"]["steps"],
                           seed=config["train"]["seed"], inputs=features)
     return ScoreFunction(space, samples=spec["samples"], cost_model=model, failure_margin=spec["failure_margin"],
-                         exploration=spec["exploration"],
+                         exploration=spec["exploration"], temperature=spec["temperature"],
                          tangents=spec["tangents"], eps=spec["eps"])
 
 
@@ -212,7 +212,7 @@ def build_experiment(config: dict, executor: Any) -> Experiment:
     trainer = Trainer(meta_solver, blackbox, optimizer, executor=executor, checkpoint_every=train["checkpoint_every"],
                       seed=train["seed"], scheduler=build_schedule(train, optimizer), reference=reference,
                       reference_every=train["reference_every"], max_failed_fraction=train["max_failed_fraction"],
-                      failure_window=train["failure_window"])
+                      failure_window=train["failure_window"], surrogate_steps=train["surrogate_steps"])
     evaluation = RelativeError() if config["cost"]["kind"] == "log_error" else \
         Iterations(config["evaluate"]["rtol"], config["evaluate"]["max_it"])
     return Experiment(config, family, train_tasks, eval_tasks, meta_solver, blackbox, trainer, evaluation)

@@ -21,9 +21,9 @@ class MetaSolver(nn.Module):
     space's neutral setting (a zero initial guess, mid-interval options). Training then only
     has to learn the per-instance correction.
 
-    `features` says what the task features were: "operator" (`solvers.features.operator_features`
-    of (A, b), recomputable for any user's system at deployment) or the name of their source
-    (default "task": whatever the tasks carried).
+    `features` says what the task features were: "operator" or "structural"
+    (`solvers.features.FEATURE_FUNCTIONS` of (A, b), recomputable for any user's system at
+    deployment) or the name of their source (default "task": whatever the tasks carried).
     """
 
     def __init__(self, feature_dim: int, space: Space, hidden: int = 64, depth: int = 2,
@@ -62,16 +62,16 @@ class MetaSolver(nn.Module):
         """A user's own system's features, computed as in training, for `predict` at deployment.
 
         Only features that are a function of (A, b) alone can be recomputed here: a meta-solver
-        trained on operator features (`features="operator"`, `solvers.features.operator_features`)
-        needs nothing else. A family's hand-made features are that family's to compute.
+        trained on operator or structural features (`solvers.features.FEATURE_FUNCTIONS`) needs
+        nothing else. A family's hand-made features are that family's to compute.
         """
-        if self.spec["features"] != "operator":
+        from solvers.features import FEATURE_FUNCTIONS
+
+        if self.spec["features"] not in FEATURE_FUNCTIONS:
             raise ValueError(f"this meta-solver was trained on {self.spec['features']!r} features, which only "
                              "their family can compute; a meta-solver trained on features='operator' "
-                             "deploys on any (A, b)")
-        from solvers.features import operator_features
-
-        return torch.from_numpy(operator_features(A, b))
+                             "(or 'structural') deploys on any (A, b)")
+        return torch.from_numpy(FEATURE_FUNCTIONS[self.spec["features"]](A, b))
 
     def predict(self, task: Any) -> dict[str, Any]:
         """The setting for one task, e.g. {"x0": ndarray, "pc_sor_omega": 1.83}.

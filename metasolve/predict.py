@@ -17,11 +17,10 @@ The loop, end to end (`examples/legacy_solver/README.md` runs it on `heat_steppe
 3. `heat_stepper -n 48 -kappa 0.3 -dt 0.01 -options_file job/metasolve.opts`.
 
 For a model trained on matrix files (the oracle's `-f A.bin -rhs b.bin`), `--matrix A.bin
---rhs b.bin` computes operator features from the same files (`solvers.features.operator_features`).
+--rhs b.bin` computes the model's operator features from the same files (`MetaSolver.features_of`).
 """
 from __future__ import annotations
 
-import importlib
 import json
 import os
 from collections.abc import Sequence
@@ -96,11 +95,7 @@ def _load_vector(path: Path) -> PETSc.Vec:
 
 
 def matrix_task(matrix: Path, rhs: Path | None) -> LinearSystem:
-    """The task the oracle wrote as files, with operator features computed from the same files."""
-    try:
-        features_module = importlib.import_module("solvers.features")
-    except ModuleNotFoundError:
-        raise ValueError("--matrix needs solvers.features.operator_features, which this installation lacks") from None
+    """The task the oracle wrote as files; its features are the model's to compute (`features_of`)."""
     for path in (matrix, rhs):
         if path is not None and not path.is_file():
             raise ValueError(f"no such file: {path}")
@@ -114,8 +109,7 @@ def matrix_task(matrix: Path, rhs: Path | None) -> LinearSystem:
     else:  # the legacy programs' default right-hand side
         b = A.createVecs()[1]
         b.set(1.0)
-    features = features_module.operator_features(A, b)
-    return LinearSystem(A, b, features=features, name=str(matrix))
+    return LinearSystem(A, b, name=str(matrix))
 
 
 def describe(setting: dict[str, Any]) -> str:
@@ -144,6 +138,7 @@ def predict(model: str | Path, out: str | Path, arguments: Sequence[str] | None 
         task: Any = ProgramTask(values, delivery.features(values), " ".join(arguments))
     else:
         task = matrix_task(Path(matrix), Path(rhs) if rhs is not None else None)
+        task.features = meta.features_of(task.A, task.b)
     width = int(task.features.shape[-1])
     if width != meta.spec["feature_dim"]:
         raise ValueError(f"{model} expects {meta.spec['feature_dim']} features, this task has {width}")

@@ -114,18 +114,22 @@ class Trainer:
                  checkpoint_dir: str | Path | None = None, checkpoint_every: int = 10, seed: int = 0,
                  progress: bool = True, scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
                  reference: BlackBox | None = None, reference_every: int = 0,
-                 max_failed_fraction: float = 1.0, failure_window: int = 10) -> None:
+                 max_failed_fraction: float = 1.0, failure_window: int = 10, surrogate_steps: int = 0) -> None:
         """`reference` (e.g. the same oracle with `FiniteDifference`) measures, every
         `reference_every` steps, the cosine between the training estimate of ∂L/∂θ and its own;
-        its solves are counted in its own `stats`, not in the training budget."""
-        if checkpoint_every < 1 or reference_every < 0 or failure_window < 1 or not 0 < max_failed_fraction <= 1:
-            raise ValueError(f"Trainer needs checkpoint_every >= 1, reference_every >= 0, failure_window >= 1 and "
-                             f"0 < max_failed_fraction <= 1; got {checkpoint_every}, {reference_every}, "
-                             f"{failure_window}, {max_failed_fraction}")
+        its solves are counted in its own `stats`, not in the training budget. `surrogate_steps`
+        optimizer steps on the estimator's `surrogate_objective` (a score function's cost model)
+        follow every step through the solver."""
+        if (checkpoint_every < 1 or reference_every < 0 or failure_window < 1 or not 0 < max_failed_fraction <= 1
+                or surrogate_steps < 0):
+            raise ValueError(f"Trainer needs checkpoint_every >= 1, reference_every >= 0, failure_window >= 1, "
+                             f"0 < max_failed_fraction <= 1 and surrogate_steps >= 0; got {checkpoint_every}, "
+                             f"{reference_every}, {failure_window}, {max_failed_fraction}, {surrogate_steps}")
         self.meta_solver, self.blackbox, self.optimizer = meta_solver, blackbox, optimizer
         self.scheduler = scheduler
         self.reference, self.reference_every = reference, int(reference_every)
         self.loss = loss if loss is not None else torch.mean
+        self.surrogate_steps = int(surrogate_steps)
         self.executor = executor if executor is not None else blackbox.executor
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.checkpoint_every = int(checkpoint_every)
@@ -325,6 +329,7 @@ class Trainer:
             loss.backward()
         with stage("metasolve: network"):
             self.optimizer.step()
+            self._surrogate_steps(train_tasks)
             if self.scheduler is not None:
                 self.scheduler.step()
         self.step += 1
@@ -339,6 +344,22 @@ class Trainer:
         if measure:
             row["gradient_cosine"] = self._reference_cosine(theta.detach(), batch, estimate[0])
         return row
+
+    def _surrogate_steps(self, train_tasks: Sequence[Any]) -> None:
+        """`surrogate_steps` more optimizer steps on the estimator's surrogate objective over every
+        training task, after each step through the solver: no solve, and the surrogate has just
+        learned from that step's solves (`ScoreFunction.surrogate_objective` says why)."""
+        objective = getattr(self.blackbox.estimator, "surrogate_objective", None)
+        if objective is None or not self.surrogate_steps:
+            return
+        features = _features(train_tasks)
+        for _ in range(self.surrogate_steps):
+            value = objective(self.meta_solver(features), train_tasks)
+            if value is None:
+                return
+            self.optimizer.zero_grad()
+            value.mean().backward()
+            self.optimizer.step()
 
     def _check_failures(self, row: Mapping[str, Any], batch_size: int) -> None:
         """Stop when the failed fraction of centre solves over the last `failure_window` steps

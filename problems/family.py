@@ -27,7 +27,7 @@ import scipy.sparse.linalg as spla
 import torch
 
 from solvers._petsc import PETSc
-from solvers.features import OPERATOR_FEATURE_NAMES, operator_features
+from solvers.features import FEATURE_FUNCTIONS, OPERATOR_FEATURE_NAMES, STRUCTURAL_FEATURE_NAMES
 from solvers.linear_system import LinearSystem
 
 EVAL_OFFSET = 1_000_000
@@ -96,21 +96,26 @@ class Family(ABC):
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.parameters.items())})"
 
 
-FEATURE_KINDS = ("operator", "family", "both")
-"""What a task's `features` hold: operator features of (A, b) (`solvers.features`), the family's
-own hand-made features, or both concatenated (operator features first)."""
+FEATURE_KINDS = ("operator", "structural", "family", "both")
+"""What a task's `features` hold: operator features of (A, b) (`solvers.features.operator_features`),
+their cheap structural subset (`structural_features`, no Krylov run), the family's own hand-made
+features, or operator features followed by the family's own."""
 
 
 def with_features(family: Family, kind: str) -> Family:
     """`family` whose tasks carry the `kind` of features (see `FEATURE_KINDS`)."""
     if kind not in FEATURE_KINDS:
         raise ValueError(f"features must be one of {', '.join(FEATURE_KINDS)}, got {kind!r}")
+    if kind in ("family", "both") and family.feature_dim == 0:
+        raise ValueError(f"family {family.key!r} has no features of its own; use features = 'operator' "
+                         "or 'structural' (computed from each task's matrix)")
     return family if kind == "family" else OperatorFeatures(family, kind)
 
 
 class OperatorFeatures(Family):
-    """A family whose tasks' features are computed from their operator, `operator_features(A, b)`,
-    alone (`kind = "operator"`) or followed by the family's own (`"both"`).
+    """A family whose tasks' features are computed from their operator (`solvers.features`):
+    `operator_features(A, b)` alone (`kind = "operator"`), its structural subset alone
+    (`"structural"`), or operator features followed by the family's own (`"both"`).
 
     The same function serves deployment, where a user has only (A, b): a meta-solver trained on
     these features needs nothing the family knew. Task `index` is still a pure function of
@@ -119,26 +124,30 @@ class OperatorFeatures(Family):
     """
 
     def __init__(self, family: Family, kind: str = "operator") -> None:
-        if kind not in ("operator", "both"):
-            raise ValueError(f"OperatorFeatures kind must be 'operator' or 'both', got {kind!r}")
+        if kind not in ("operator", "structural", "both"):
+            raise ValueError(f"OperatorFeatures kind must be 'operator', 'structural' or 'both', got {kind!r}")
         self.family, self.kind, self.key = family, kind, family.key
         super().__init__(family.seed, **{k: v for k, v in family.parameters.items() if k != "seed"}, features=kind)
 
     @property
     def feature_dim(self) -> int:
-        own = self.family.feature_dim if self.kind == "both" else 0
-        return len(OPERATOR_FEATURE_NAMES) + own
+        return len(self._names) + (self.family.feature_dim if self.kind == "both" else 0)
+
+    @property
+    def _names(self) -> tuple[str, ...]:
+        return STRUCTURAL_FEATURE_NAMES if self.kind == "structural" else OPERATOR_FEATURE_NAMES
 
     def describe(self) -> str:
-        what = "operator features" if self.kind == "operator" else "operator features, then the family's own"
+        what = {"operator": "operator features", "structural": "structural operator features",
+                "both": "operator features, then the family's own"}[self.kind]
         return (f"{self.family.describe()} Features used: {what} ({self.feature_dim} numbers: "
-                f"{', '.join(OPERATOR_FEATURE_NAMES)}).")
+                f"{', '.join(self._names)}).")
 
     def _build(self, rng: np.random.Generator, index: int) -> Task:
         task = self.family._build(rng, index)
         A, b = task.petsc(PETSc.COMM_SELF)
-        operator = torch.from_numpy(operator_features(A, b))
-        if self.kind == "operator" or task.features is None:
+        operator = torch.from_numpy(FEATURE_FUNCTIONS["operator" if self.kind == "both" else self.kind](A, b))
+        if self.kind != "both" or task.features is None:
             task.features = operator
         else:
             task.features = torch.cat([operator, task.features.to(torch.float64)])

@@ -12,13 +12,11 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
 
 from problems.convdiff import ConvDiff
 from problems.diffusion import harmonic_mean
 from problems.family import (Family, Task, check_range, check_size_range, format_distribution, log_uniform,
                              five_point_matrix, random_field, vertex_coordinates)
-from solvers.features import OPERATOR_FEATURE_NAMES, operator_features
 
 
 class Mixed(Family):
@@ -27,8 +25,9 @@ class Mixed(Family):
     SPD: −∇·(K ∇u) = f, K = k(x, y)·diag(a, 1) with log k a smooth random field of standard
     deviation ~ U(`contrast_range`) and anisotropy a ~ logU(`anisotropy_range`); harmonic face
     averages, 5-point stencil. Nonsymmetric: `ConvDiff` (upwind, Péclet ~ logU(`peclet_range`)).
-    Features: `operator_features(A, b)` only — the two halves have nothing else in common, and a
-    user's own family would have nothing else either.
+    No features of its own: the two halves have nothing in common but their matrices, and a
+    user's own mixed family would have nothing else either. Wrap it with
+    `problems.family.with_features(Mixed(), "structural")` (or "operator").
     """
 
     key = "mixed"
@@ -50,15 +49,15 @@ class Mixed(Family):
 
     @property
     def feature_dim(self) -> int:
-        return len(OPERATOR_FEATURE_NAMES)
+        return 0
 
     def describe(self) -> str:
         return (f"Mixed: {1 - self.nonsymmetric_fraction:.0%} SPD anisotropic diffusion (contrast "
                 f"{format_distribution(*self.contrast_range)}, anisotropy "
                 f"{format_distribution(*self.anisotropy_range, 'logU')}), {self.nonsymmetric_fraction:.0%} "
                 f"upwind convection-diffusion (Peclet {format_distribution(*self.convdiff.peclet_range, 'logU')}); "
-                f"n {format_distribution(*self.n_range)}. Features: operator features ({self.feature_dim}). "
-                f"Seed {self.seed}.")
+                f"n {format_distribution(*self.n_range)}. Features: 0 of its own (the matrix's, "
+                f"`problems.family.with_features`). Seed {self.seed}.")
 
     def _build(self, rng: np.random.Generator, index: int) -> Task:
         if rng.uniform() < self.nonsymmetric_fraction:
@@ -67,7 +66,7 @@ class Mixed(Family):
         else:
             task = self._diffusion(rng, index)
         task.name = self.task_name(index, kind=task.parameters["kind"], n=task.grid_shape[0])
-        task.features = torch.from_numpy(operator_features(task.A, task.b))
+        task.features = None
         return task
 
     def _diffusion(self, rng: np.random.Generator, index: int) -> Task:

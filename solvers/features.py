@@ -4,7 +4,9 @@
 a family with no hand-made features, a matrix loaded from a PETSc binary file, or a user's own
 system at deployment all get the same numbers, computed the same way in training and in use.
 Everything is computed with PETSc itself, non-intrusively: the matrix is read, never changed,
-and the short Krylov run below never reads the options database.
+and the short Krylov run below never reads the options database. `structural_features(A, b)`
+is the cheap subset without that Krylov run (`STRUCTURAL_FEATURE_NAMES`: the first thirteen
+entries and ||b||), for choices — which solver — that symmetry and dominance already decide.
 
 The features (`OPERATOR_FEATURE_NAMES`, float64, in this order):
 
@@ -41,7 +43,7 @@ the spectrum (smooth, or an eigenvector) would hide that end from the Ritz value
 operator's features should not depend on b. Its positive mean gives weight on the positive Perron
 vector of an M-matrix, i.e. on the slowest mode, which sets rho_J.
 
-Cost: one transpose and one axpy (symmetry), one pass over the local rows, `steps` Krylov
+Cost: one transpose (symmetry), one pass over the local rows, `steps` Krylov
 iterations (about `steps` matrix-vector products) and one more product for R(b) — measured against one solve in
 `benchmarks/options.py`.
 """
@@ -66,6 +68,10 @@ OPERATOR_FEATURE_NAMES: tuple[str, ...] = (
 )
 """Names of `operator_features`' entries, in order."""
 
+STRUCTURAL_FEATURE_NAMES: tuple[str, ...] = OPERATOR_FEATURE_NAMES[:13] + ("log10_rhs_norm",)
+"""Names of `structural_features`' entries, in order: the operator features one pass over the
+entries gives (sparsity, diagonal, dominance, symmetry), without the Krylov run."""
+
 DEFAULT_STEPS = 50
 """Krylov iterations for the spectral estimates. Measured on `Diffusion` (n 12-40, 12 tasks),
 Young's omega* from the Ritz values vs from ARPACK's exact rho_J: 20 steps err by -0.010 on
@@ -79,6 +85,23 @@ SYMMETRY_TOLERANCE = 1e-12
 _START_SEED = 20240229
 
 
+def structural_features(A: Any, b: Any = None) -> np.ndarray:
+    """The float64 vector named by `STRUCTURAL_FEATURE_NAMES`: what one pass over A's entries and
+    one transpose tell, at about the cost of two matrix-vector products.
+
+    Why a second, cheaper set: choosing *which* solver to run is decided mostly by symmetry, sign
+    and dominance (CG needs an SPD matrix; upwind convection shows as asymmetry that grows with
+    the Péclet number; contrast and anisotropy show on the diagonal and in the off-diagonal
+    ratios), while the Krylov run of `operator_features` costs about `steps` products — as much
+    as a whole fast solve. A per-instance choice pays its features on every solve it deploys to,
+    so a choice read from cheap features keeps more of what it wins (`benchmarks/discrete.py`).
+    Same inputs and determinism as `operator_features`.
+    """
+    A, b, diagonal, structure, asymmetry = _structure(A, b)
+    diagonal.destroy()
+    return _finite([*structure.values(), asymmetry, _rhs_norm_log(b)], STRUCTURAL_FEATURE_NAMES)
+
+
 def operator_features(A: Any, b: Any = None, steps: int = DEFAULT_STEPS) -> np.ndarray:
     """The float64 vector named by `OPERATOR_FEATURE_NAMES` for the system A x = b.
 
@@ -88,22 +111,7 @@ def operator_features(A: Any, b: Any = None, steps: int = DEFAULT_STEPS) -> np.n
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
         raise ValueError(f"operator_features: steps must be an integer >= 2, got {steps!r}")
-    A = _as_mat(A)
-    rows, cols = A.getSize()
-    if rows != cols:
-        raise ValueError(f"operator_features: A must be square, got {rows}x{cols}")
-    b = _as_vec(b, A)
-    comm = A.getComm().tompi4py()
-
-    diagonal = A.getDiagonal()
-    local_diag = diagonal.getArray().copy()
-    zero = np.flatnonzero(local_diag == 0.0)
-    first_zero = comm.allreduce(int(zero[0]) + A.getOwnershipRange()[0] if zero.size else rows, op=_min())
-    if first_zero < rows:
-        raise ValueError(f"operator_features: A has a zero diagonal entry in row {first_zero}; "
-                         "the Jacobi-scaled features need a nonzero diagonal")
-    structure = _row_statistics(A, local_diag, comm)
-    asymmetry = _asymmetry(A)
+    A, b, diagonal, structure, asymmetry = _structure(A, b)
     symmetric = asymmetry < SYMMETRY_TOLERANCE and structure["nonpositive_diag_fraction"] == 0.0
     ritz, iterations = _krylov(A, steps, symmetric)
 
@@ -114,25 +122,51 @@ def operator_features(A: Any, b: Any = None, steps: int = DEFAULT_STEPS) -> np.n
     rho = float(np.max(np.abs(1.0 - ritz)))
     gap = max(1.0 - rho, 1e-16)
     omega_star = 2.0 / (1.0 + math.sqrt(1.0 - rho * rho)) if rho < 1.0 else 2.0
-
-    if b is None:
-        rhs_norm_log, slow_weight = 0.0, 0.0
-    else:
-        rhs_norm_log, slow_weight = math.log10(b.norm()), ritz_min / _jacobi_rayleigh_quotient(A, b, diagonal)
+    slow_weight = 0.0 if b is None else ritz_min / _jacobi_rayleigh_quotient(A, b, diagonal)
     diagonal.destroy()
 
-    values = [structure["log10_rows"], structure["nnz_per_row_mean"], structure["nnz_per_row_max"],
-              structure["log10_diag_mean"], structure["diag_cv"], structure["log10_diag_contrast"],
-              structure["nonpositive_diag_fraction"], structure["offdiag_ratio_mean"],
-              structure["offdiag_ratio_max"], structure["dominant_row_fraction"],
-              structure["gershgorin_lower"], structure["gershgorin_upper"], asymmetry,
+    values = [*structure.values(), asymmetry,
               ritz_min, ritz_max, float(np.max(np.abs(ritz.imag))), condition, float(iterations),
-              rho, math.log10(gap), omega_star, rhs_norm_log, slow_weight]
+              rho, math.log10(gap), omega_star, _rhs_norm_log(b), slow_weight]
+    return _finite(values, OPERATOR_FEATURE_NAMES)
+
+
+def _structure(A: Any, b: Any) -> tuple[PETSc.Mat, PETSc.Vec | None, PETSc.Vec, dict[str, float], float]:
+    """Checked (A, b), A's diagonal, its row statistics and its asymmetry: the part both feature
+    sets share."""
+    A = _as_mat(A)
+    rows, cols = A.getSize()
+    if rows != cols:
+        raise ValueError(f"operator_features: A must be square, got {rows}x{cols}")
+    b = _as_vec(b, A)
+    comm = A.getComm().tompi4py()
+    diagonal = A.getDiagonal()
+    local_diag = diagonal.getArray().copy()
+    zero = np.flatnonzero(local_diag == 0.0)
+    first_zero = comm.allreduce(int(zero[0]) + A.getOwnershipRange()[0] if zero.size else rows, op=_min())
+    if first_zero < rows:
+        diagonal.destroy()
+        raise ValueError(f"operator_features: A has a zero diagonal entry in row {first_zero}; "
+                         "the Jacobi-scaled features need a nonzero diagonal")
+    csr = _local_csr(A)
+    return A, b, diagonal, _row_statistics(csr, local_diag, comm), _asymmetry(A, csr, comm)
+
+
+def _rhs_norm_log(b: PETSc.Vec | None) -> float:
+    return 0.0 if b is None else math.log10(b.norm())
+
+
+def _finite(values: list[float], names: tuple[str, ...]) -> np.ndarray:
     features = np.array(values, dtype=np.float64)
     if not np.all(np.isfinite(features)):
-        bad = [name for name, value in zip(OPERATOR_FEATURE_NAMES, features) if not np.isfinite(value)]
+        bad = [name for name, value in zip(names, features) if not np.isfinite(value)]
         raise ValueError(f"operator_features: non-finite feature(s) {bad} (is A or b non-finite?)")
     return features
+
+
+FEATURE_FUNCTIONS = {"operator": operator_features, "structural": structural_features}
+"""Features computed from (A, b) alone, by name: what `MetaSolver.features_of` recomputes for a
+user's own system at deployment, and what `problems.family.with_features` puts on a family."""
 
 
 def _min() -> Any:
@@ -188,11 +222,11 @@ def _local_csr(A: PETSc.Mat) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             converted.destroy()
 
 
-def _row_statistics(A: PETSc.Mat, diag: np.ndarray, comm: Any) -> dict[str, float]:
-    """Sparsity, diagonal and dominance statistics, reduced over all ranks."""
+def _row_statistics(csr: tuple[np.ndarray, np.ndarray, np.ndarray], diag: np.ndarray, comm: Any) -> dict[str, float]:
+    """Sparsity, diagonal and dominance statistics of this rank's rows `csr`, reduced over all ranks."""
     from mpi4py import MPI
 
-    indptr, _, values = _local_csr(A)
+    indptr, _, values = csr
     counts = np.diff(indptr).astype(np.float64)
     abs_sums = np.add.reduceat(np.abs(values), indptr[:-1]) if values.size else np.zeros(diag.size)
     abs_sums[counts == 0] = 0.0
@@ -224,17 +258,30 @@ def _row_statistics(A: PETSc.Mat, diag: np.ndarray, comm: Any) -> dict[str, floa
     }
 
 
-def _asymmetry(A: PETSc.Mat) -> float:
-    """||A - A^T||_F / ||A||_F with PETSc's own transpose and Frobenius norm."""
-    norm = A.norm(PETSc.NormType.FROBENIUS)
+def _asymmetry(A: PETSc.Mat, csr: tuple[np.ndarray, np.ndarray, np.ndarray], comm: Any) -> float:
+    """||A - A^T||_F / ||A||_F, with PETSc's own transpose.
+
+    When A is structurally symmetric (every PDE stencil matrix here), A^T's local rows hold the
+    same column indices in the same (sorted) order as A's, so the difference is one subtraction
+    of the two value arrays (measured at 53k unknowns: 3.3 ms, against 8.5 ms for forming A - A^T
+    with a general sparse axpy, the fallback for any other pattern). Every rank takes the same
+    path: the pattern test is reduced over all of them."""
+    from mpi4py import MPI
+
+    indptr, columns, values = csr
+    norm = math.sqrt(comm.allreduce(float(np.dot(values, values))))
     if norm == 0:
         raise ValueError("operator_features: A is the zero matrix")
-    difference = A.transpose(PETSc.Mat())   # a new matrix: transpose() without one works in place
+    transpose = A.transpose(PETSc.Mat())   # a new matrix: transpose() without one works in place
     try:
-        difference.axpy(-1.0, A)
-        return float(difference.norm(PETSc.NormType.FROBENIUS) / norm)
+        t_indptr, t_columns, t_values = _local_csr(transpose)
+        same = np.array_equal(indptr, t_indptr) and np.array_equal(columns, t_columns)
+        if comm.allreduce(same, op=MPI.LAND):
+            return math.sqrt(comm.allreduce(float(np.sum((values - t_values) ** 2)))) / norm
+        transpose.axpy(-1.0, A)
+        return float(transpose.norm(PETSc.NormType.FROBENIUS)) / norm
     finally:
-        difference.destroy()
+        transpose.destroy()
 
 
 def _start_vector(A: PETSc.Mat) -> PETSc.Vec:
@@ -286,4 +333,5 @@ def _krylov(A: PETSc.Mat, steps: int, symmetric: bool) -> tuple[np.ndarray, int]
     return ritz, iterations
 
 
-__all__ = ["DEFAULT_STEPS", "OPERATOR_FEATURE_NAMES", "operator_features"]
+__all__ = ["DEFAULT_STEPS", "FEATURE_FUNCTIONS", "OPERATOR_FEATURE_NAMES", "STRUCTURAL_FEATURE_NAMES",
+           "operator_features", "structural_features"]

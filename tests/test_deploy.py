@@ -10,7 +10,7 @@ import torch
 from metasolve import Interval, MetaSolver, Space, Vector
 from solvers import KSPOracle, LinearSystem, PETSc
 from solvers.deploy import applied
-from solvers.features import operator_features
+from solvers.features import operator_features, structural_features
 from solvers.options import unused_options
 from tests.mpi_run import REPO_ROOT, run_mpi
 from tests.systems import poisson_2d
@@ -155,6 +155,8 @@ def test_features_of_a_users_system_are_the_training_features():
     users_system = LinearSystem(task.A, task.b)  # no features: a user's own (A, b)
     theta = meta(torch.from_numpy(operator_features(A, b))[None, :])[0]
     assert meta.predict(users_system) == space.decode(theta)
+    structural = MetaSolver(len(structural_features(A, b)), space, depth=0, features="structural")
+    np.testing.assert_array_equal(structural.features_of(A, b).numpy(), structural_features(A, b))
     family_trained = MetaSolver(3, space, depth=0, features="poisson2d")
     with pytest.raises(ValueError, match="poisson2d"):
         family_trained.predict(LinearSystem(task.A, task.b))

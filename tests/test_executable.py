@@ -634,7 +634,8 @@ def test_predict_refuses_a_task_it_cannot_compute_features_for(tmp_path):
 
 def test_predict_from_the_matrix_files_the_oracle_wrote(legacy_solver, tmp_path):
     """A model on operator features: `predict --matrix A.bin --rhs b.bin` computes them from the same
-    files the program reads, and the legacy program accepts the options file."""
+    files the program reads, and the legacy program accepts the options file. A model that
+    recorded other features is refused: the files cannot give them."""
     import torch
 
     from metasolve import Interval, MetaSolver, Space
@@ -645,7 +646,11 @@ def test_predict_from_the_matrix_files_the_oracle_wrote(legacy_solver, tmp_path)
     task = poisson_2d(8, seed=7)
     arguments = linear_system_files(task, str(tmp_path))  # ["-f", A.bin, "-rhs", b.bin]
     features = operator_features(*task.petsc(PETSc.COMM_SELF))
-    meta = MetaSolver(len(features), Space({"pc_sor_omega": Interval(1.0, 1.95)}), depth=0)
+    space = Space({"pc_sor_omega": Interval(1.0, 1.95)})
+    MetaSolver(len(features), space, depth=0, features="poisson2d").save(tmp_path / "family.pt")
+    with pytest.raises(ValueError, match="trained on 'poisson2d' features"):
+        predict(tmp_path / "family.pt", tmp_path / "job", matrix=arguments[1], rhs=arguments[3])
+    meta = MetaSolver(len(features), space, depth=0, features="operator")
     with torch.no_grad():
         meta.net[-1].bias.fill_(1.0)
     meta.save(tmp_path / "model.pt")

@@ -13,7 +13,9 @@ from problems import ConvDiff, Diffusion
 from problems.family import OperatorFeatures, with_features
 from solvers import PETSc
 from solvers.executable import write_petsc_binary
-from solvers.features import OPERATOR_FEATURE_NAMES, operator_features
+from solvers.features import (FEATURE_FUNCTIONS, OPERATOR_FEATURE_NAMES, STRUCTURAL_FEATURE_NAMES, operator_features,
+                               structural_features)
+from tests.mpi_run import REPO_ROOT, run_mpi
 from tests.systems import laplacian_1d, laplacian_2d
 
 INDEX = {name: i for i, name in enumerate(OPERATOR_FEATURE_NAMES)}
@@ -138,6 +140,33 @@ def test_families_carry_operator_features_alone_or_with_their_own():
         with_features(family, "spectral")
 
 
+def test_structural_features_are_the_operator_features_without_the_krylov_run():
+    """The same numbers, computed the same way, for a symmetric and a nonsymmetric system; and the
+    upwind asymmetry that decides between CG and a nonsymmetric method grows with the Péclet number."""
+    tasks = [(laplacian_1d(20), None), *[(task.A, task.b) for task in ConvDiff(n_range=12, peclet_range=10.0).tasks([0, 1])]]
+    for A, b in tasks:
+        structural, full = structural_features(A, b), operator_features(A, b)
+        assert structural.dtype == np.float64 and structural.shape == (len(STRUCTURAL_FEATURE_NAMES),)
+        assert np.array_equal(structural, full[[INDEX[name] for name in STRUCTURAL_FEATURE_NAMES]])
+    asymmetry = [float(structural_features(ConvDiff(n_range=12, peclet_range=pe).task(0).A)[STRUCTURAL_FEATURE_NAMES.index("asymmetry")])
+                 for pe in (1.0, 10.0, 100.0)]
+    assert 0 < asymmetry[0] < asymmetry[1] < asymmetry[2]
+    assert FEATURE_FUNCTIONS == {"operator": operator_features, "structural": structural_features}
+
+
+def test_a_family_without_features_of_its_own_takes_the_matrix_features():
+    from problems import Mixed
+
+    mixed = Mixed(n_range=(6, 9))
+    structural = with_features(mixed, "structural")
+    task = structural.task(1)
+    assert structural.feature_dim == len(STRUCTURAL_FEATURE_NAMES) and task.features.shape == (structural.feature_dim,)
+    assert np.array_equal(task.features.numpy(), structural_features(*task.petsc(PETSc.COMM_SELF)))
+    for kind in ("family", "both"):
+        with pytest.raises(ValueError, match="no features of its own.*structural"):
+            with_features(mixed, kind)
+
+
 def test_survey_families_are_spd_and_their_features_see_what_makes_them_hard():
     """Rotated anisotropy gives positive corner couplings (not an M-matrix: Gershgorin reaches below
     0), binary high contrast a diagonal spread of about its 10^c jump; both stay SPD."""
@@ -157,3 +186,10 @@ def test_survey_families_are_spd_and_their_features_see_what_makes_them_hard():
     assert np.linalg.eigvalsh(contrast.A.toarray()).min() > 0
     assert 3.0 < feature(operator_features(contrast.A), "log10_diag_contrast") < 5.0
 
+
+
+@pytest.mark.mpi
+def test_distributed_structural_features_equal_the_serial_ones():
+    result = run_mpi(REPO_ROOT / "tests" / "mpi_scripts" / "features_distributed.py", n=2, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "OK distributed features", result.stdout + result.stderr
