@@ -1,10 +1,11 @@
 """[discrete] Which solver per matrix, and which GMRES restart, learned through the black box.
 
 Family: `Mixed` — SPD anisotropic high-contrast diffusion and nonsymmetric upwind
-convection–diffusion, drawn at random, features from the operator only. Candidates: five Krylov
-+ preconditioner pairs a PETSc user would try. Every candidate is solved on every evaluation
-task to rtol 1e-8 (interleaved per task, the best of `repeats` timings), so every method's
-time-to-solution is read off the same measurements:
+convection–diffusion, drawn at random, features from the matrix only (`structural_features`).
+Candidates: five Krylov + preconditioner pairs a PETSc user would try. Every candidate is solved
+on every evaluation task to rtol 1e-8 (interleaved per task, the best of `repeats` timings), so
+every method's time-to-solution is read off the same measurements (`time_to_solution`: a
+failure costs its time plus the per-instance best's):
 
 - PETSc's default (GMRES(30) + ILU(0));
 - the best single configuration, found as a tuner would find it: every candidate on every
@@ -13,9 +14,9 @@ time-to-solution is read off the same measurements:
   distance), from the same sweep (feature time included, as for the learned choice);
 - the per-instance best (an oracle: needs every candidate on the task itself);
 - learned: a meta-solver trained with the score-function estimator and a cost model
-  (`metasolve.score_function`) on log10 of the flops to the tolerance, with the same number of
-  training solves as the tuner, deploying the most probable choice (feature and inference time
-  included).
+  (`metasolve.score_function`, the config defaults) on log10 of the seconds to the tolerance,
+  with the same number of training solves as the tuner, deploying the most probable choice
+  (feature and inference time included).
 
 A second table learns the GMRES restart per instance (`Integer(5, 60)`) on the
 convection–diffusion half with GMRES + ILU, against the default 30, the best constant and the
@@ -52,8 +53,10 @@ CHOICE_SIZES, RESTART_SIZES = (160, 260), (64, 110)
 (n 64–110, this benchmark's earlier family) every candidate solves in 3–20 ms, the best single
 configuration is within 20% of the per-instance best, and any per-instance analysis of the matrix
 costs as much as the choice gains. From n ~ 160 the candidates separate — ILU-preconditioned
-GMRES(30) stalls on convection, GAMG fails at high Péclet, incomplete Cholesky CG is several
-times faster on the SPD half. The restart is measured at the smaller size: at n ≥ 160
+GMRES(30) stalls on every convection–diffusion task within 400 iterations, GMRES + GAMG wins at
+low Péclet and fails on a quarter of them, incomplete Cholesky CG is 1.4–2× faster than
+BiCGStab + ILU on the SPD half and GAMG wins on some of it. The restart is measured at the
+smaller size: at n ≥ 160
 GMRES(restart ≤ 60) + ILU(0) does not reach rtol 1e-8 in 400 iterations on most
 convection–diffusion tasks, whatever the restart."""
 FEATURES = "structural"
@@ -61,12 +64,15 @@ FEATURES = "structural"
 sign and dominance decide which solver applies. The full operator features' 50-step Krylov run
 cost as much as a whole fast solve here (7.6 ms per task against 13 ms for the per-instance best
 at n 64–110) and is paid on every deployed solve."""
-MEASURE, POLICY_LR, SURROGATE_STEPS = "seconds", 0.01, 10
-"""Training cost: log10 of the seconds to the tolerance (setup + solve), the user's own goal. At
-these sizes a solve takes 30 ms to 1 s and timing noise is small against the gaps between
-candidates, while PETSc's flop count misjudges GAMG (its setup is memory-bound): fitted on this
-benchmark's whole training sweep, a cost model of log flops deployed 5.5–6.3 s on the evaluation
-tasks, of log seconds 4.7–5.2 s. The rest of the recipe (exploration 0.9, temperature 0.2, ten
+CHOICE_MEASURE, RESTART_MEASURE, POLICY_LR, SURROGATE_STEPS = "seconds", "flops", 0.01, 10
+"""Training cost: log10 of the seconds (or flops) to the tolerance, setup + solve. For the solver
+choice seconds, the user's own goal: a solve takes 30 ms to 1 s there and timing noise is small
+against the gaps between candidates, while PETSc's flop count misjudges GAMG (its setup is
+memory-bound): fitted on this benchmark's whole training sweep, a cost model of log flops
+deployed 5.5–6.3 s on the evaluation tasks, of log seconds 4.7–5.2 s. For the restart flops: at
+4k–12k unknowns a solve takes 3–20 ms, timing noise is as large as the gaps between restarts,
+and GMRES + ILU has no setup whose flops mislead (trained on seconds, two runs deployed restarts
+59–60 and 42–56). The rest of the recipe (exploration 0.9, temperature 0.2, ten
 surrogate steps, the cost model's weight decay) is measured in `metasolve.score_function`, on a
 replay of this sweep with 80 validation tasks kept apart from the 30 evaluated here."""
 
@@ -123,7 +129,7 @@ def nearest_choice(train_features: np.ndarray, train_best: np.ndarray, features:
     return train_best[np.argmin(distance, axis=1)]
 
 
-def train_policy(oracle: IsolatedOracle, space: Space, train_tasks: list, budget_solves: int,
+def train_policy(oracle: IsolatedOracle, space: Space, train_tasks: list, budget_solves: int, measure: str,
                  seed: int = 0, batch_size: int = 4) -> tuple[MetaSolver, BlackBox, list[dict]]:
     """Score function + cost model, one sample per task (2 solves per task and step with the
     centre), then `SURROGATE_STEPS` policy steps on the cost model; the config defaults."""
@@ -134,7 +140,7 @@ def train_policy(oracle: IsolatedOracle, space: Space, train_tasks: list, budget
     n_joint = math.prod(p.n_values for p in space.discrete_parts().values())
     model = CostModel(features.shape[1], n_joint, hidden=32, steps=50, seed=seed, inputs=features)
     estimator = ScoreFunction(space, samples=1, cost_model=model, exploration=0.9, temperature=0.2)
-    box = BlackBox(oracle, space, LogWorkToTolerance(RTOL, MAX_IT, MEASURE), estimator, seed=seed)
+    box = BlackBox(oracle, space, LogWorkToTolerance(RTOL, MAX_IT, measure), estimator, seed=seed)
     trainer = Trainer(meta, box, torch.optim.Adam(meta.parameters(), lr=POLICY_LR), progress=False, seed=seed,
                       surrogate_steps=SURROGATE_STEPS)
     steps = max(1, budget_solves // (2 * batch_size))
@@ -171,7 +177,7 @@ def solver_choice(quick: bool) -> dict:
     budget = train_sweep["seconds"].size
 
     space = Space({"solver": Choice(list(CANDIDATES.values()))})
-    meta, box, history = train_policy(oracle, space, train_tasks, budget)
+    meta, box, history = train_policy(oracle, space, train_tasks, budget, CHOICE_MEASURE)
     decoded, overhead = deployed(meta, eval_tasks)
     learned = np.array([space.parts["solver"].index(setting["solver"]) for setting in decoded])
 
@@ -224,7 +230,7 @@ def gmres_restart(quick: bool) -> dict:
     train_sweep = sweep(oracle, train_tasks, settings, repeats=1)
     eval_sweep = sweep(oracle, eval_tasks, settings, repeats=repeats)
     space = Space({"ksp_gmres_restart": Integer(5, 60)})
-    meta, box, _ = train_policy(oracle, space, train_tasks, train_sweep["seconds"].size)
+    meta, box, _ = train_policy(oracle, space, train_tasks, train_sweep["seconds"].size, RESTART_MEASURE)
     decoded, overhead = deployed(meta, eval_tasks)
     restarts = [space.parts["ksp_gmres_restart"].to_setting(setting["ksp_gmres_restart"]) for setting in decoded]
     learned = [sweep(oracle, [task], {"learned": {**base, "ksp_gmres_restart": r}}, repeats)

@@ -43,7 +43,8 @@ sample either.
 
 The softmax saturates: once p_θ(k) ≈ 1 its gradient Σ_k p(k)(f(k) − f̄)∇ log p(k) vanishes, and a
 policy that followed an early, wrong cost model has no way back. `temperature` τ trains the
-entropy-regularised objective instead,
+entropy-regularised objective instead (H of the `Choice` parts' softmaxes; an `Integer`'s
+fixed-width logistic only moves and never saturates),
 
     J_τ(θ) = E_{k~p_θ}[f(k)] − τ H(p_θ),    ∇(−τH) = τ ∇ Σ_k p_θ(k) log p_θ(k)   (exact, no solve),
 
@@ -51,8 +52,8 @@ whose minimiser per task is the Boltzmann policy p ∝ exp(−f/τ): its most pr
 argmin f — the deployed choice is unchanged at the optimum — but no probability reaches 1, so
 the gradient never vanishes. With log10 costs, τ = 0.2 leaves a value 2× slower (0.3 decades)
 e^-1.5 ≈ 22% of the best one's weight. Measured in the replay described at
-`surrogate_objective`: with τ = 0, two seeds of five deployed a choice that fails on a whole class
-of tasks (35.2 s and 58.5 s against 26.7–27.4 s for the other three); with τ = 0.2, none did.
+`surrogate_objective`: with τ = 0, one seed of five deployed a choice that fails on a whole class
+of tasks (34.9 s against 26.3–27.4 s for the other four); with τ = 0.2, none did (26.6–29.8 s).
 
 Continuous parts of the same space (e.g. a Choice of solver plus an ω) get the forward gradient
 at the deployed (most probable) discrete value: f(k*, θ_c + εv) − f(k*, θ_c) along Rademacher
@@ -76,7 +77,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from metasolve.params import Space
+from metasolve.params import Choice, Space
 from metasolve.surrogate import Standardize
 
 
@@ -95,7 +96,8 @@ class CostModel:
     resumed run draws the same minibatches. `weight_decay` (decoupled, AdamW) because a family
     of a few dozen training tasks is little data for an MLP: without it the model interpolates
     the timing noise of each task. Measured in the replay of `ScoreFunction.surrogate_objective`:
-    0.1 deployed 27.1–28.2 s over five seeds, 0 26.3–37.8 s.
+    0.1 deployed 26.6–29.8 s over five seeds, 0 26.5–84.6 s (one seed's model, fitted to noise,
+    sent a whole class of tasks to a configuration that fails on them).
     """
 
     def __init__(self, feature_dim: int, n_values: int, hidden: int = 32, lr: float = 1e-2, steps: int = 20,
@@ -161,8 +163,9 @@ class ScoreFunction:
     sampling, still unbiased): a policy that has grown confident keeps showing the cost model
     every value, where on-policy samples would stop visiting what it dismissed early.
     Measured in the replay of `surrogate_objective` (τ = 0.2, 10 surrogate steps): exploration
-    0.3 deployed 27.3–66.7 s over five seeds, 0.9 26.3–37.8 s — the cost model is what the
-    policy follows, and it is only as good as the values it has seen.
+    0.3 deployed 26.6–45.7 s over five seeds (one choosing a configuration that fails on a whole
+    class of tasks), 0.9 26.6–29.8 s — the cost model is what the policy follows, and it is only
+    as good as the values it has seen.
     `temperature` τ adds the entropy term −τH(p_θ) to the objective (module docstring).
     The recipe measured on `benchmarks/discrete.py` (and the config defaults): a cost model,
     exploration 0.9, τ = 0.2, and 10 `Trainer(surrogate_steps=...)` after each step.
@@ -288,7 +291,7 @@ class ScoreFunction:
                 baseline = torch.where(centre_solved, centre_error, torch.zeros_like(centre_error))
                 residual = sampled - predicted.gather(1, joints) - baseline[:, None]
                 per_task = exact + usable * (weights * residual * sampled_log_p).mean(1)
-            per_task = per_task + self.temperature * (torch.exp(log_p) * log_p).sum(1)
+            per_task = per_task - self.temperature * self._choice_entropy(leaf)
             (grad,) = torch.autograd.grad(per_task.sum(), leaf)
         if self.continuous.any():
             grad = grad + torch.stack([self._continuous_gradient(row, points[b, self.samples:], values[b])
@@ -303,25 +306,36 @@ class ScoreFunction:
         return estimate
 
     def surrogate_objective(self, theta: torch.Tensor, tasks: Sequence[Any]) -> torch.Tensor | None:
-        """Σ_k p_θ(k) (ĉ(task, k) + τ log p_θ(k)) per task, [B]: the objective with the cost model
-        in place of the solver, differentiable in θ with ĉ held fixed; None without a cost model.
+        """Σ_k p_θ(k) ĉ(task, k) − τH per task, [B]: the objective with the cost model in place of
+        the solver, differentiable in θ with ĉ held fixed; None without a cost model.
 
         It needs no solve, so `metasolve.train.Trainer` takes `surrogate_steps` optimizer steps on
         it over every training task after each step through the solver (a model-based step, as
         in Dyna): the policy then follows the cost model on every task, not only on the few
         solved in a step, and the next step's sampled correction measures the model's error
         where the policy moved. Its minimiser per task is p ∝ exp(−ĉ/τ), deployed as argmin ĉ.
-        Measured in a replay of `benchmarks/discrete.py`'s sweep (five seeds, 80 validation
-        tasks; best single configuration 37.3 s, per-instance best 21.5 s): 25 steps through the
-        solver alone deployed 28.0–51.3 s, with 10 surrogate steps after each 26.6–29.8 s; the
-        exact term over the whole training set at every step instead of surrogate steps gained
-        nothing more; 30 surrogate steps followed the early, poor cost model into choices that
-        fail on a whole class of tasks (27–55 s)."""
+        Measured in a replay of `benchmarks/discrete.py`'s sweep as the solver (its 40 training
+        tasks, timings with 10% noise, five seeds; deployed on 80 validation tasks kept apart from
+        the benchmark's evaluation tasks; best single configuration 37.3 s, per-instance best
+        21.5 s): 25 steps through the solver alone deployed 28.7–55.3 s, two seeds of five a
+        choice that fails on a whole class of tasks; with 10 surrogate steps after each,
+        26.6–29.8 s."""
         if self.cost_model is None:
             return None
         features = torch.stack([t.features for t in tasks]).to(torch.float64)
-        log_p = self.log_policy(theta)
-        return (torch.exp(log_p) * (self.cost_model.predict(features).detach() + self.temperature * log_p)).sum(-1)
+        expected = (torch.exp(self.log_policy(theta)) * self.cost_model.predict(features).detach()).sum(-1)
+        return expected - self.temperature * self._choice_entropy(theta)
+
+    def _choice_entropy(self, theta: torch.Tensor) -> torch.Tensor:
+        """H of the `Choice` parts' softmaxes, [B] (the parts are independent, so it is a sum).
+        `Integer` parts are left out: their logistic has a fixed width and only moves, so it never
+        saturates, and its entropy, cut off at lo and hi, would push the policy away from them."""
+        total = theta.new_zeros(theta.shape[:-1])
+        for name, part in self.discrete.items():
+            if isinstance(part, Choice):
+                log_p = part.log_probs(theta[..., self.space.slices[name]])
+                total = total - (torch.exp(log_p) * log_p).sum(-1)
+        return total
 
     def _continuous_gradient(self, row: torch.Tensor, points: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """(1/K) Σ_j (f(θ + εv_j) − f(θ))/ε · v_j on the continuous coordinates."""

@@ -190,7 +190,8 @@ def test_a_failing_deployed_choice_still_moves_the_policy():
 
 def test_temperature_adds_exactly_the_entropy_gradient():
     """−τH(p) needs no solve: with the same draws, the estimate at τ minus the estimate at 0 is
-    τ ∇ Σ_k p_θ(k) log p_θ(k), to rounding."""
+    τ ∇ Σ_k p_θ(k) log p_θ(k) of the Choice part, to rounding (the Integer part's fixed-width
+    logistic gets no entropy term)."""
     space = Space({"pc": Choice(["a", "b", "c"]), "restart": Integer(1, 3)})
     cost = torch.tensor([float(k % 4) + 0.5 * (k // 3) for k in range(9)], dtype=torch.float64)
     theta = torch.tensor([[0.3, -0.2, 0.5, 0.4], [1.0, 0.0, -1.0, -0.3]], dtype=torch.float64)
@@ -203,14 +204,14 @@ def test_temperature_adds_exactly_the_entropy_gradient():
                                for row, task_points in zip(theta, points)], dtype=torch.float64)
         estimates.append(estimator.gradient(theta, points, values, torch.ones(2, dtype=torch.float64), [_Task()] * 2))
     leaf = theta.clone().requires_grad_(True)
-    log_p = estimator.log_policy(leaf)
+    log_p = torch.log_softmax(leaf[:, space.slices["pc"]], dim=-1)  # the Choice's softmax; an Integer has none
     (entropy_gradient,) = torch.autograd.grad(0.5 * (torch.exp(log_p) * log_p).sum(), leaf)
     assert torch.allclose(estimates[1] - estimates[0], entropy_gradient, rtol=0.0, atol=1e-12)
     with pytest.raises(ValueError, match="temperature"):
         ScoreFunction(space, temperature=-0.1)
 
 
-def test_surrogate_objective_is_the_expected_model_cost_minus_the_entropy():
+def test_surrogate_objective_is_the_expected_model_cost_minus_the_choice_entropy():
     space = Space({"pc": Choice(["a", "b", "c"])})
     model = CostModel(feature_dim=2, n_values=3, steps=0)
     theta = torch.tensor([[0.2, -0.4, 1.0]], dtype=torch.float64)
