@@ -87,7 +87,8 @@ _START_SEED = 20240229
 
 def structural_features(A: Any, b: Any = None) -> np.ndarray:
     """The float64 vector named by `STRUCTURAL_FEATURE_NAMES`: what one pass over A's entries and
-    one transpose tell, at about the cost of two matrix-vector products.
+    one transpose tell, at a fifth of `operator_features`' cost (measured at 53k unknowns: 6.6 ms
+    against 34 ms, where one matrix-vector product takes 0.15 ms and a solve 30 ms to 1 s).
 
     Why a second, cheaper set: choosing *which* solver to run is decided mostly by symmetry, sign
     and dominance (CG needs an SPD matrix; upwind convection shows as asymmetry that grows with
