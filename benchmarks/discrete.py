@@ -182,7 +182,7 @@ def solver_choice(quick: bool) -> dict:
     learned = np.array([space.parts["solver"].index(setting["solver"]) for setting in decoded])
 
     train_charged, _ = time_to_solution(train_sweep)
-    charged, best = time_to_solution(eval_sweep)
+    charged, _ = time_to_solution(eval_sweep)
     best_single = int(np.argmin(train_charged.sum(0)))
     nearest = nearest_choice(torch.stack([t.features for t in train_tasks]).numpy(), train_charged.argmin(1),
                              torch.stack([t.features for t in eval_tasks]).numpy())

@@ -92,7 +92,7 @@ class CostModel:
     values that the policy follows. The offset is a function of the buffer, so it resumes
     exactly, and it changes only when data are added, before the next fit. The buffer keeps
     the most recent `capacity` observations; each estimate adds its solves and takes `steps`
-    Adam steps on minibatches drawn from the buffer with the model's own generator, so a
+    AdamW steps on minibatches drawn from the buffer with the model's own generator, so a
     resumed run draws the same minibatches. `weight_decay` (decoupled, AdamW) because a family
     of a few dozen training tasks is little data for an MLP: without it the model interpolates
     the timing noise of each task. Measured in the replay of `ScoreFunction.surrogate_objective`:
