@@ -10,7 +10,7 @@ setup:
 	@bash scripts/setup.sh
 
 demo: setup
-	$(PY) -m metasolve.cli demo
+	$(PY) -m metasolve demo
 
 test: setup legacy-solver
 	$(PY) -m pytest -q
@@ -19,7 +19,7 @@ test-mpi: setup
 	$(PY) -m pytest -q tests/test_parallel.py tests/test_mpi_training.py
 
 bench: setup legacy-solver
-	$(PY) -m metasolve.cli bench
+	$(PY) -m benchmarks
 
 legacy-solver: setup
 	@$(MAKE) --no-print-directory -C examples/legacy_solver PYTHON=$(abspath $(PY))

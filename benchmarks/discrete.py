@@ -13,31 +13,35 @@ failure costs its time plus the per-instance best's):
 - nearest neighbour: the candidate that was fastest on the most similar training task (feature
   distance), from the same sweep (feature time included, as for the learned choice);
 - the per-instance best (an oracle: needs every candidate on the task itself);
-- learned: a meta-solver trained with the score-function estimator and a cost model
-  (`metasolve.score_function`, the config defaults) on log10 of the seconds to the tolerance,
-  with the same number of training solves as the tuner, deploying the most probable choice
-  (feature and inference time included).
+- learned: the product — `examples/solver_choice.toml` at this benchmark's sizes and budget
+  (`metasolve.app.config.override`) trained by `metasolve.app.run.run`: the score-function
+  estimator with a cost model on log10 of the seconds to the tolerance, the same number of
+  training solves as the tuner, deploying the most probable choice (feature and inference time
+  included).
 
 A second table learns the GMRES restart per instance (`Integer(5, 60)`) on the
-convection–diffusion half with GMRES + ILU, against the default 30, the best constant and the
-per-instance best over a grid of restarts.
+convection–diffusion half with GMRES + ILU (the same config with an `integer` space part),
+against the default 30, the best constant and the per-instance best over a grid of restarts.
+Results: benchmarks/results/discrete.md.
 """
 from __future__ import annotations
 
 import functools
-import math
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from metasolve import BlackBox, Choice, CostModel, Integer, MetaSolver, ScoreFunction, Space, Trainer
-from metasolve.cost import LogWorkToTolerance
-from metasolve.report import markdown_table
-from problems.family import with_features
-from problems.mixed import Mixed
+from metasolve.app.config import load_config, override
+from metasolve.app.report import markdown_table
+from metasolve.app.run import RunResult
+from metasolve.app.run import run as run_config
+from metasolve.method.meta_solver import MetaSolver
 from solvers import IsolatedOracle, KSPOracle, PETSc
+
+BASE = Path(__file__).resolve().parents[1] / "examples" / "solver_choice.toml"
 
 CANDIDATES = {
     "gmres+ilu": {"ksp_type": "gmres", "pc_type": "ilu"},
@@ -73,7 +77,7 @@ deployed 5.5–6.3 s on the evaluation tasks, of log seconds 4.7–5.2 s. For th
 4k–12k unknowns a solve takes 3–20 ms and timing noise is as large as the gaps between restarts
 (trained on seconds, two runs deployed restarts 59–60 and 35–56), and GMRES + ILU has no setup
 whose flops mislead. The rest of the recipe (exploration 0.9, temperature 0.2, ten surrogate
-steps, the cost model's weight decay) is measured in `metasolve.score_function`, on a replay of
+steps, the cost model's weight decay) is measured in `metasolve.method.score_function`, on a replay of
 this sweep with 80 validation tasks kept apart from the 30 evaluated here."""
 
 
@@ -129,23 +133,19 @@ def nearest_choice(train_features: np.ndarray, train_best: np.ndarray, features:
     return train_best[np.argmin(distance, axis=1)]
 
 
-def train_policy(oracle: IsolatedOracle, space: Space, train_tasks: list, budget_solves: int, measure: str,
-                 seed: int = 0, batch_size: int = 4) -> tuple[MetaSolver, BlackBox, list[dict]]:
-    """Score function + cost model, one sample per task (2 solves per task and step with the
-    centre), then `SURROGATE_STEPS` policy steps on the cost model; the config defaults."""
-    torch.manual_seed(seed)
-    features = torch.stack([t.features for t in train_tasks])
-    meta = MetaSolver(features.shape[1], space, hidden=32, depth=1, features=FEATURES)
-    meta.fit_normalizer(train_tasks)
-    n_joint = math.prod(p.n_values for p in space.discrete_parts().values())
-    model = CostModel(features.shape[1], n_joint, hidden=32, steps=50, seed=seed, inputs=features)
-    estimator = ScoreFunction(space, samples=1, cost_model=model, exploration=0.9, temperature=0.2)
-    box = BlackBox(oracle, space, LogWorkToTolerance(RTOL, MAX_IT, measure), estimator, seed=seed)
-    trainer = Trainer(meta, box, torch.optim.Adam(meta.parameters(), lr=POLICY_LR), progress=False, seed=seed,
-                      surrogate_steps=SURROGATE_STEPS)
-    steps = max(1, budget_solves // (2 * batch_size))
-    history = trainer.fit(train_tasks, steps=steps, batch_size=batch_size)
-    return meta, box, history
+def train_policy(changes: dict, budget_solves: int, measure: str, batch_size: int = 4) -> RunResult:
+    """`examples/solver_choice.toml` with `changes`, trained by `run` with `budget_solves`
+    training solves: score function + cost model, one sample per task (2 solves per task and
+    step with the centre), then `SURROGATE_STEPS` policy steps on the cost model."""
+    config = override(load_config(BASE), {
+        "problem.features": FEATURES, "cost.measure": measure, "cost.rtol": RTOL, "cost.max_it": MAX_IT,
+        "estimator.samples": 1, "estimator.cost_model": True, "estimator.exploration": 0.9,
+        "estimator.temperature": 0.2, "surrogate.hidden": 32, "surrogate.steps": 50, "model.hidden": 32,
+        "model.depth": 1, "pretrain.enabled": False, "train.lr": POLICY_LR, "train.batch_size": batch_size,
+        "train.steps": max(1, budget_solves // (2 * batch_size)), "train.surrogate_steps": SURROGATE_STEPS,
+        "train.seed": 0, "evaluate.rtol": RTOL, "evaluate.max_it": MAX_IT, **changes}, str(BASE))
+    with tempfile.TemporaryDirectory(prefix="bench-discrete-") as directory:
+        return run_config(config, Path(directory) / "run", quiet=True)
 
 
 def deployed(meta: MetaSolver, tasks: list) -> tuple[list[dict], np.ndarray]:
@@ -167,18 +167,20 @@ def _picked(charged: np.ndarray, chosen: np.ndarray) -> np.ndarray:
 
 
 def solver_choice(quick: bool) -> dict:
-    family = with_features(Mixed(n_range=(32, 48) if quick else CHOICE_SIZES, seed=0), FEATURES)
     n_train, n_eval = (12, 8) if quick else (40, 30)
-    train_tasks, eval_tasks = family.train_tasks(n_train), family.eval_tasks(n_eval)
+    changes = {"problem.params": {"n_range": list((32, 48) if quick else CHOICE_SIZES)}, "problem.seed": 0,
+               "problem.train_tasks": n_train, "problem.eval_tasks": n_eval,
+               "space.solver": {"kind": "choice", "choices": list(CANDIDATES.values())}}
+    budget = n_train * len(CANDIDATES)  # the tuner's sweep: every candidate on every training task
+    result = train_policy(changes, budget, CHOICE_MEASURE)
+    experiment = result.experiment
+    family, train_tasks, eval_tasks = experiment.family, experiment.train_tasks, experiment.eval_tasks
     names = list(CANDIDATES)
     oracle = isolated_oracle()
     train_sweep = sweep(oracle, train_tasks, CANDIDATES, repeats=1)
     eval_sweep = sweep(oracle, eval_tasks, CANDIDATES, repeats=1 if quick else 3)
-    budget = train_sweep["seconds"].size
-
-    space = Space({"solver": Choice(list(CANDIDATES.values()))})
-    meta, box, history = train_policy(oracle, space, train_tasks, budget, CHOICE_MEASURE)
-    decoded, overhead = deployed(meta, eval_tasks)
+    space = experiment.blackbox.space
+    decoded, overhead = deployed(experiment.meta_solver, eval_tasks)
     learned = np.array([space.parts["solver"].index(setting["solver"]) for setting in decoded])
 
     train_charged, _ = time_to_solution(train_sweep)
@@ -211,27 +213,31 @@ def solver_choice(quick: bool) -> dict:
     kinds = [t.parameters["kind"] for t in eval_tasks]
     return {"rows": rows, "candidates": names, "per_task_seconds": eval_sweep["seconds"].tolist(),
             "per_task_failed": eval_sweep["failed"].tolist(), "learned": learned.tolist(),
-            "per_instance": per_instance.tolist(), "kinds": kinds, "training_solves": box.stats.solves,
+            "per_instance": per_instance.tolist(), "kinds": kinds, "training_solves": result.solves["training"],
             "tuner_solves": budget, "headroom": headroom, "captured": captured,
             "learned_vs_single": learned_row["total_seconds"] / single,
-            "loss_curve": [r["loss"] for r in history], "describe": family.describe()}
+            "loss_curve": [r["loss"] for r in experiment.trainer.history], "describe": family.describe()}
 
 
 def gmres_restart(quick: bool) -> dict:
-    family = with_features(Mixed(n_range=(32, 48) if quick else RESTART_SIZES, nonsymmetric_fraction=1.0,
-                                 peclet_range=(1.0, 1000.0), seed=1), FEATURES)
     n_train, n_eval = (8, 6) if quick else (32, 24)
-    train_tasks, eval_tasks = family.train_tasks(n_train), family.eval_tasks(n_eval)
     grid = [5, 10, 20, 30, 45, 60]
+    changes = {"problem.params": {"n_range": list((32, 48) if quick else RESTART_SIZES), "nonsymmetric_fraction": 1.0,
+                                  "peclet_range": [1.0, 1000.0]},
+               "problem.seed": 1, "problem.train_tasks": n_train, "problem.eval_tasks": n_eval,
+               "solver.ksp_type": "gmres", "solver.pc_type": "ilu",
+               "space": {"ksp_gmres_restart": {"kind": "integer", "lo": 5, "hi": 60}}}
+    result = train_policy(changes, n_train * len(grid), RESTART_MEASURE)
+    experiment = result.experiment
+    train_tasks, eval_tasks = experiment.train_tasks, experiment.eval_tasks
     base = {"ksp_type": "gmres", "pc_type": "ilu"}
     settings = {f"restart {r}": {**base, "ksp_gmres_restart": r} for r in grid}
     oracle = isolated_oracle()
     repeats = 1 if quick else 3
     train_sweep = sweep(oracle, train_tasks, settings, repeats=1)
     eval_sweep = sweep(oracle, eval_tasks, settings, repeats=repeats)
-    space = Space({"ksp_gmres_restart": Integer(5, 60)})
-    meta, box, _ = train_policy(oracle, space, train_tasks, train_sweep["seconds"].size, RESTART_MEASURE)
-    decoded, overhead = deployed(meta, eval_tasks)
+    space = experiment.blackbox.space
+    decoded, overhead = deployed(experiment.meta_solver, eval_tasks)
     restarts = [space.parts["ksp_gmres_restart"].to_setting(setting["ksp_gmres_restart"]) for setting in decoded]
     learned = [sweep(oracle, [task], {"learned": {**base, "ksp_gmres_restart": r}}, repeats)
                for task, r in zip(eval_tasks, restarts)]
@@ -250,7 +256,7 @@ def gmres_restart(quick: bool) -> dict:
              "failures": int(learned_failed.sum())},
             {"method": "per-instance best over the grid", "total_seconds": float(charged.min(1).sum()),
              "failures": int(eval_sweep["failed"].all(1).sum())}]
-    return {"rows": rows, "restarts": restarts, "grid": grid, "training_solves": box.stats.solves}
+    return {"rows": rows, "restarts": restarts, "grid": grid, "training_solves": result.solves["training"]}
 
 
 def run(out: Path, quick: bool = False) -> dict:

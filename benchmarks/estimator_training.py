@@ -20,6 +20,10 @@ Every estimator except the twin spends 2 solves per sample.
 A third part measures failures as data: a per-instance ω for Richardson + *forward* SOR on
 convection-diffusion, where the solve diverges just above each task's optimal ω. Dropped failed
 queries (the default) against queries charged `cost.failure_value` (`BlackBox(failures="penalize")`).
+
+Estimator science: it assembles the library's internals (`BlackBox`, `Trainer`) to train with
+each estimator under the same loop; what a config achieves is measured through
+`metasolve.app.run.run` elsewhere (`tests/test_benchmarks_measure_product.py`).
 """
 from __future__ import annotations
 
@@ -40,7 +44,7 @@ import torch  # noqa: E402
 from benchmarks.estimators import Case, sample_theta, single_threaded, twin_cost  # noqa: E402
 from metasolve import (BlackBox, ControlVariate, Exact, ForwardGradient, Interval, IterationProxy,  # noqa: E402
                        Iterations, LogResidual, MetaSolver, Space, Surrogate, Vector)
-from metasolve.report import markdown_table  # noqa: E402
+from metasolve.app.report import markdown_table  # noqa: E402
 from problems import ConvDiff, Poisson1D, Poisson2D  # noqa: E402
 from solvers import KSPOracle  # noqa: E402
 
@@ -139,7 +143,7 @@ def train_curve(setup: Setup, estimator: Any, seed: int) -> list[dict]:
             rows.append({"step": step, "solves": box.stats.solves, "loss": float(loss.detach()),
                          "iterations": held_out_iterations(oracle, case.space, meta, held_out),
                          "cpu seconds": time.process_time() - begin,
-                         **{k: v for k, v in getattr(estimator, "last_metrics", {}).items()
+                         **{k: v for k, v in estimator.metrics().items()
                             if k in ("surrogate_cosine", "cv_coefficient", "cv_variance_ratio")}})
     return rows
 

@@ -15,6 +15,10 @@ with S tangents after a counted surrogate warm-up on training tasks. Medians ove
 of the cosine to the true gradient and of ‖g − ∇f‖/‖∇f‖.
 The memory part compares the bytes one forward-difference estimate holds (scaling with B·Q·d)
 with backpropagation through the twin (scaling with the iteration count k).
+
+Estimator science: it assembles the library's internals (`BlackBox` around each estimator) because
+the estimators themselves are what it measures, not what a config achieves
+(`tests/test_benchmarks_measure_product.py` keeps the list of such sections).
 """
 from __future__ import annotations
 
@@ -39,7 +43,8 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from metasolve import (SPSA, BlackBox, ControlVariate, Exact, FiniteDifference, ForwardGradient,  # noqa: E402
                        LogResidual, Space, Surrogate, Vector)
-from metasolve.report import markdown_table  # noqa: E402
+from metasolve.method.allocation import VarianceAllocation  # noqa: E402
+from metasolve.app.report import markdown_table  # noqa: E402
 from problems import Family, Poisson1D, Poisson2D  # noqa: E402
 from solvers import KSPOracle, twin_for  # noqa: E402
 
@@ -222,7 +227,7 @@ def warm_up(case: Case, estimator: ControlVariate, pool: Sequence[Any], steps: i
         tasks = [pool[i] for i in torch.randint(len(pool), (batch,), generator=generator).tolist()]
         theta = sample_theta(case, tasks, generator).requires_grad_(True)
         box(theta, tasks).sum().backward()
-        online.append(dict(estimator.last_metrics))
+        online.append(estimator.metrics())
     return box.stats.solves, curve
 
 
@@ -233,8 +238,9 @@ def _mean(rows: list[dict], key: str) -> float:
 
 def _variant(warmed: ControlVariate, base: ForwardGradient, coefficient: float | str) -> ControlVariate:
     """A copy of a warmed control variate (surrogate, replay buffer, moments) on another base/coefficient."""
+    warmed.settle()  # learn from the last warm-up estimate with the base that made it
     copied = copy.deepcopy(warmed)
-    copied.base, copied.coefficient = base, coefficient
+    copied.base, copied.coefficient.kind = base, coefficient
     return copied
 
 
@@ -291,7 +297,7 @@ def allocation(case: Case, reference: Reference, warmed: ControlVariate, rounds:
     twin = Exact(twin_cost(case))
     estimators = {kind: _variant(warmed, ForwardGradient(tangents=2, eps=case.eps), "scalar") for kind in
                   ("equal", "variance")}
-    estimators["variance"].allocation = "variance"
+    estimators["variance"].allocation = VarianceAllocation(tangents=2)
     generator = torch.Generator().manual_seed(seed)
     rows = []
     for r in range(rounds):

@@ -2,14 +2,18 @@
 
 The program is `examples/legacy_solver` (unmodified): every solve is one process started by
 `ExecutableOracle`, the task reaches it as PETSc binary files, ω as `-pc_sor_omega`, and the
-result comes back from `-ksp_monitor_true_residual`. Family: `diffusion` on grids 12..40 with
-Richardson + forward SOR, where the best ω moves from task to task (docs/architecture.md). On unseen tasks
+result comes back from `-ksp_monitor_true_residual`. The learned row is the product:
+`examples/sor_omega.toml` (`diffusion` on grids 12..40, Richardson + forward SOR, where the best ω
+moves from task to task; operator features, which `metasolve predict --matrix` computes from the
+same files) pointed at the program (`solver.kind = "executable"`) with this benchmark's budget,
+trained by `metasolve.app.run.run`. On unseen tasks
 we compare iterations to rtol 1e-6 for PETSc's default ω = 1, the best constant ω found with as
 many program runs as training spent, the learned per-instance ω, and the per-instance optimum.
 The optimum's grid search runs in-process (`KSPOracle`, same PETSc, same options: thousands of
 solves in seconds); every number in the table is then measured by the program, and the
 in-process oracle must report the same iteration counts (the agreement line). A second table
 times one subprocess solve against one in-process solve of the same task.
+Results: benchmarks/results/executable.md.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import dataclasses
 import math
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -29,13 +34,19 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from metasolve import (BlackBox, ControlVariate, ForwardGradient, Interval, IterationProxy,  # noqa: E402
-                       Iterations, MetaSolver, Space, Surrogate, Trainer)
-from metasolve.report import markdown_table  # noqa: E402
+from metasolve.app.config import load_config, override  # noqa: E402
+from metasolve.app.evaluation import evaluate  # noqa: E402
+from metasolve.app.report import markdown_table  # noqa: E402
+from metasolve.app.run import run as run_config  # noqa: E402
+from metasolve.method.cost import Iterations  # noqa: E402
+from metasolve.method.measure import measure  # noqa: E402
+from metasolve.method.params import Interval  # noqa: E402
 from problems.diffusion import Diffusion  # noqa: E402
 from solvers import ExecutableOracle, KSPOracle  # noqa: E402
 
-PROGRAM_DIR = Path(__file__).resolve().parents[1] / "examples" / "legacy_solver"
+ROOT = Path(__file__).resolve().parents[1]
+PROGRAM_DIR = ROOT / "examples" / "legacy_solver"
+CONFIG = ROOT / "examples" / "sor_omega.toml"
 RTOL, ATOL, DIVTOL, MAX_IT = 1e-6, 1e-50, 1e4, 10_000
 SOLVER = {"ksp_type": "richardson", "pc_type": "sor"}
 FORWARD_SOR = {"pc_sor_forward": True}
@@ -73,52 +84,29 @@ def build_program() -> str:
     return str(PROGRAM_DIR / "legacy_solver")
 
 
-def program_oracle(program: str) -> ExecutableOracle:
-    """The program with the in-process oracle's configuration, spelled as command-line options;
-    `ksp_norm_type unpreconditioned` makes it test the same norm KSPOracle tests."""
-    return ExecutableOracle([program], options={
-        **SOLVER, **FORWARD_SOR, "ksp_norm_type": "unpreconditioned", "ksp_rtol": RTOL, "ksp_atol": ATOL,
-        "ksp_divtol": DIVTOL, "ksp_max_it": MAX_IT})
+def config_for(program: str, budget: Budget) -> dict:
+    """`examples/sor_omega.toml` pointed at the program, with the in-process oracle's configuration
+    spelled as its command-line options (`ksp_norm_type unpreconditioned` makes it test the norm
+    KSPOracle tests), this benchmark's ω range, cost budget, estimator and training budget."""
+    return override(load_config(CONFIG), {
+        "problem.train_tasks": budget.train_tasks, "problem.eval_tasks": budget.eval_tasks,
+        "solver.kind": "executable", "solver.command": [program],
+        "solver.options": {"pc_sor_forward": "", "ksp_norm_type": "unpreconditioned", "ksp_divtol": DIVTOL},
+        "solver.rtol": RTOL, "solver.atol": ATOL, "solver.max_it": MAX_IT, "solver.timeout": 60.0,
+        "space.pc_sor_omega": {"kind": "interval", "lo": OMEGA.lo, "hi": OMEGA.hi},
+        "cost.max_it": PROXY_MAX_IT, "estimator.difference": "central", "estimator.eps": EPS,
+        "pretrain.enabled": False, "train.steps": budget.steps, "train.batch_size": budget.batch, "train.lr": 3e-2,
+        "train.seed": SEED, "evaluate.rtol": RTOL, "evaluate.max_it": MAX_IT, "evaluate.constant_evaluations": 0},
+        str(CONFIG))
 
 
 def in_process_oracle() -> KSPOracle:
     return KSPOracle(rtol=RTOL, atol=ATOL, divtol=DIVTOL, max_it=MAX_IT, options=FORWARD_SOR, **SOLVER)
 
 
-def scalar_features(tasks: Sequence[Any]) -> list[Any]:
-    """The tasks with only the family's scalar features (contrast, correlation length, h, std of log k).
-
-    With a dozen training tasks the 128 coarse-field averages let the network fit noise (pilot runs
-    diverged); the scalars carry what decides ω here: the grid size and the coefficient's roughness.
-    """
-    return [dataclasses.replace(t, features=t.features[-Diffusion.SCALARS:].clone()) for t in tasks]
-
-
 def iterations(outcomes: Sequence[Any], cost: Iterations, task: Any) -> list[float]:
     values = [cost(o, task) for o in outcomes]
     return [cost.failure_value(task) if math.isnan(v) else v for v in values]
-
-
-def train(program: ExecutableOracle, tasks: Sequence[Any], budget: Budget) -> tuple[MetaSolver, Trainer]:
-    """Trainer + BlackBox + ControlVariate(ForwardGradient, Surrogate), every solve a program run.
-
-    Cost: NI-GBMS's smoothed iteration count after a fixed budget of iterations (smooth in ω);
-    loss: its batch mean, the training analogue of the total iterations reported.
-    """
-    torch.manual_seed(SEED)
-    space = Space({"pc_sor_omega": OMEGA})
-    feature_dim = tasks[0].features.shape[0]
-    meta = MetaSolver(feature_dim, space, hidden=32, depth=1)
-    meta.fit_normalizer(tasks)
-    surrogate = Surrogate(Surrogate.mlp(feature_dim, space.dim, hidden=32), lr=1e-3)
-    estimator = ControlVariate(ForwardGradient(tangents=1, difference="central", eps=EPS), surrogate)
-    box = BlackBox(program, space, IterationProxy(RTOL, max_it=PROXY_MAX_IT), estimator, seed=SEED)
-    optimizer = torch.optim.Adam(meta.parameters(), lr=3e-2)
-    # Decaying steps settle ω inside the V around each optimum instead of bouncing across it.
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, budget.steps)
-    trainer = Trainer(meta, box, optimizer, seed=SEED, progress=False, scheduler=scheduler)
-    trainer.fit(tasks, steps=budget.steps, batch_size=budget.batch)
-    return meta, trainer
 
 
 def best_constant(program: ExecutableOracle, tasks: Sequence[Any], solves: int) -> tuple[float, int, int]:
@@ -131,8 +119,8 @@ def best_constant(program: ExecutableOracle, tasks: Sequence[Any], solves: int) 
     cost = Iterations(RTOL, MAX_IT)
     totals = np.zeros(points)
     for task in tasks:
-        outcomes = program.solve_many(task, [{"pc_sor_omega": float(w), **cost.overrides} for w in grid])
-        totals += iterations(outcomes, cost, task)
+        results = measure(program, cost, task, [{"pc_sor_omega": float(w)} for w in grid])
+        totals += iterations([r.outcome for r in results], cost, task)
     return float(grid[int(np.argmin(totals))]), points, points * len(tasks)
 
 
@@ -210,17 +198,18 @@ def _method_row(name: str, how: str, spent: str, omegas: Sequence[float], counts
 def run(out: Path, quick: bool = False) -> dict:
     budget = QUICK if quick else FULL
     begin = time.perf_counter()
-    program = program_oracle(build_program())
+    config = config_for(build_program(), budget)
     oracle = in_process_oracle()
-    family = Diffusion(n_range=(12, 40), seed=SEED)
-    train_tasks = scalar_features(family.train_tasks(budget.train_tasks))
-    eval_tasks = scalar_features(family.eval_tasks(budget.eval_tasks))
     phases: dict[str, float] = {}
 
     start = time.perf_counter()
-    meta, trainer = train(program, train_tasks, budget)
-    training_solves = trainer.blackbox.stats.solves
-    phases["training"] = time.perf_counter() - start
+    with tempfile.TemporaryDirectory(prefix="bench-executable-") as directory:
+        result = run_config(config, Path(directory) / "run", quiet=True)
+    experiment = result.experiment
+    program, meta, family = experiment.blackbox.oracle, experiment.meta_solver, experiment.family
+    train_tasks, eval_tasks = experiment.train_tasks, experiment.eval_tasks
+    training_solves = result.solves["training"]
+    phases["training (run)"] = time.perf_counter() - start
 
     start = time.perf_counter()
     constant, constant_points, constant_solves = best_constant(program, train_tasks, training_solves)
@@ -242,8 +231,7 @@ def run(out: Path, quick: bool = False) -> dict:
         "per-instance optimum": lambda t: {"pc_sor_omega": optimum[t.name]},
         "best constant in hindsight": lambda t: {"pc_sor_omega": hindsight},
     }
-    evaluation = trainer.evaluate(eval_tasks, {k: v for k, v in choices.items() if k != "learned"},
-                                  cost=Iterations(RTOL, MAX_IT))
+    evaluation = evaluate(experiment, eval_tasks, {k: v for k, v in choices.items() if k != "learned"})
     phases["evaluation (program)"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -251,7 +239,7 @@ def run(out: Path, quick: bool = False) -> dict:
     agree, compared, mismatches = 0, 0, []
     for name, choose in choices.items():
         for task, count in zip(eval_tasks, evaluation[name]["iterations"]):
-            reference = iterations([oracle(task, {**choose(task), **cost.overrides})], cost, task)[0]
+            reference = iterations([measure(oracle, cost, task, [choose(task)])[0].outcome], cost, task)[0]
             compared += 1
             if reference == count:
                 agree += 1
@@ -269,7 +257,7 @@ def run(out: Path, quick: bool = False) -> dict:
         "default": ("PETSc's default, no option given", "0", [1.0] * n_eval),
         "best constant": (f"{constant_points} evenly spaced ω on the {n_train} training tasks, through the program",
                           str(constant_solves), [constant] * n_eval),
-        "learned": (f"Trainer + ControlVariate on the {n_train} training tasks, through the program",
+        "learned": (f"`{CONFIG.name}` trained by `run` on the {n_train} training tasks, through the program",
                     str(training_solves), list(learned.values())),
         "per-instance optimum": (f"grid of {len(grid)} ω (step {GRID_STEP}) per unseen task, in-process",
                                  f"{len(grid)} per task", list(optimum.values())),
@@ -283,16 +271,18 @@ def run(out: Path, quick: bool = False) -> dict:
     closed = (totals["best constant"] - totals["learned"]) / gap if gap > 0 else float("nan")
     program_seconds = [s for name in describe for s in evaluation[name]["seconds"]]
 
-    figure = plot(out / "executable.png", list(optimum.values()), list(learned.values()), constant, trainer.history)
+    figure = plot(out / "executable.png", list(optimum.values()), list(learned.values()), constant, experiment.trainer.history)
     seconds = time.perf_counter() - begin
     markdown = "\n".join([
         f"`examples/legacy_solver` (compiled C, unmodified) tuned through its command line: `diffusion` family, "
-        f"grids {family.n_range[0]}–{family.n_range[1]}, Richardson + forward SOR "
+        f"grids {config['problem']['params']['n_range'][0]}–{config['problem']['params']['n_range'][1]}, Richardson + forward SOR "
         f"(`-pc_sor_forward -ksp_norm_type unpreconditioned`), ω = `-pc_sor_omega` in ({OMEGA.lo}, {OMEGA.hi}). "
         f"Iterations to rtol {RTOL:g} on {n_eval} unseen tasks (`eval_tasks`), every count measured by the program. "
         f"Training: {n_train} tasks, batch {budget.batch}, {budget.steps} steps, central forward gradient "
         f"(ε = {EPS} in raw θ) with the surrogate control variate, cost = smoothed iteration count over "
-        f"{PROXY_MAX_IT} iterations; the meta-solver reads the family's {Diffusion.SCALARS} scalar features.",
+        f"{PROXY_MAX_IT} iterations; the meta-solver reads the {config['problem']['features']} features of each task's "
+        f"matrix ({family.feature_dim} numbers). Trained by `metasolve.app.run.run` on `examples/{CONFIG.name}` "
+        f"overridden; the run deployed its {result.kept} weights.",
         "",
         markdown_table(rows),
         "",
@@ -319,4 +309,4 @@ def run(out: Path, quick: bool = False) -> dict:
     return {"summary": rows, "markdown": markdown, "overhead": overhead_rows, "overhead_details": overhead_details,
             "gap_closed": closed, "agreement": {"identical": agree, "compared": compared, "mismatches": mismatches},
             "training_solves": training_solves, "constant": constant, "hindsight_constant": hindsight,
-            "learned_omega": learned, "optimal_omega": optimum, "history": trainer.history, "phases": phases}
+            "learned_omega": learned, "optimal_omega": optimum, "history": experiment.trainer.history, "phases": phases}

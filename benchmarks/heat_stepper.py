@@ -16,6 +16,9 @@ learned predictor must find the same dependence from runs alone (its features ar
 n, κ, dt and the contrast, never c itself), and the coefficient contrast moves the true optimum
 away from the formula.
 
+The learned row is the product: `examples/heat_stepper.toml` (the program family, the run-level
+cost, the options prefix, the log-mean loss are all config keys) trained by
+`metasolve.app.run.run`, and the model that run saved delivered by `metasolve predict`.
 Methods on unseen runs, iterations to rtol 1e-6 summed over every step of every run, every count
 read from the program's own output:
 - PETSc's default ω = 1;
@@ -27,7 +30,7 @@ read from the program's own output:
 - Young's formula (expert, constant-coefficient theory);
 - the per-run optimum on a grid (hindsight, not attainable).
 A second table states the oracle's per-run overhead (files, start-up, parsing, the /proc scan)
-against the run's own time.
+against the run's own time. Results: benchmarks/results/heat_stepper.md.
 """
 from __future__ import annotations
 
@@ -48,41 +51,38 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from metasolve import BlackBox, ControlVariate, ForwardGradient, Interval, Iterations, MetaSolver, Space, Surrogate, Trainer  # noqa: E402
-from metasolve.predict import Delivery, predict, save_for_program  # noqa: E402
-from metasolve.report import markdown_table  # noqa: E402
-from metasolve.run_cost import RunIterationProxy  # noqa: E402
+from metasolve.app.config import load_config, override  # noqa: E402
+from metasolve.app.predict import predict  # noqa: E402
+from metasolve.app.report import markdown_table  # noqa: E402
+from metasolve.app.run import MODEL_FILE  # noqa: E402
+from metasolve.app.run import run as run_config  # noqa: E402
+from metasolve.method.cost import Iterations  # noqa: E402
+from metasolve.method.measure import measure  # noqa: E402
+from metasolve.method.params import Interval  # noqa: E402
 from solvers.executable import ExecutableOracle, child_environment  # noqa: E402
 from solvers.monitor_parser import parse_run_output  # noqa: E402
-from solvers.program_task import ArgumentFeatures, ProgramTask  # noqa: E402
+from solvers.program_task import ProgramTask  # noqa: E402
 
-PROGRAM_DIR = Path(__file__).resolve().parents[1] / "examples" / "legacy_solver"
-PREFIX = "heat_"
+ROOT = Path(__file__).resolve().parents[1]
+PROGRAM_DIR = ROOT / "examples" / "legacy_solver"
+CONFIG = ROOT / "examples" / "heat_stepper.toml"
 RTOL, MAX_IT = 1e-6, 10_000
-SOLVER = {"ksp_type": "richardson", "pc_type": "sor", "pc_sor_forward": None, "ksp_norm_type": "unpreconditioned",
-          "ksp_atol": 1e-50, "ksp_divtol": 1e4}
-OMEGA = Interval(1.0, 1.98)
-FEATURES = ArgumentFeatures(("n", "kappa", "dt", "contrast"), log=("n", "kappa", "dt"))
 STEPS = 4
-PROXY_MAX_IT = 3000
-"""Training solves stop 2 decades below rtol or here: above any step's count anywhere in OMEGA."""
-EPS = 0.05
-SEED = 0
+"""Time steps per run (`steps` in the config's program arguments)."""
 YOUNG = "Young's formula"
 
 
 @dataclasses.dataclass(frozen=True)
 class Budget:
-    train_tasks: int
-    batch: int
-    steps: int
-    eval_tasks: int
+    changes: dict
+    """Overrides of the shipped config (none: the config as shipped)."""
     grid_step: float
     overhead_repeats: int
 
 
-FULL = Budget(train_tasks=32, batch=8, steps=30, eval_tasks=16, grid_step=0.02, overhead_repeats=10)
-QUICK = Budget(train_tasks=8, batch=4, steps=6, eval_tasks=6, grid_step=0.06, overhead_repeats=3)
+FULL = Budget(changes={}, grid_step=0.02, overhead_repeats=10)
+QUICK = Budget(changes={"problem.train_tasks": 8, "problem.eval_tasks": 6, "train.batch_size": 4, "train.steps": 6},
+               grid_step=0.06, overhead_repeats=3)
 
 
 def build_program() -> str:
@@ -93,76 +93,46 @@ def build_program() -> str:
     return str(PROGRAM_DIR / "heat_stepper")
 
 
-def runs(count: int, offset: int, seed: int = SEED) -> list[ProgramTask]:
-    """Runs drawn from the family: n ~ U{16..40}, κ ~ logU(0.3, 10), dt ~ logU(3e-4, 3e-2),
-    contrast ~ U(0, 1.5), a coefficient seed; c = κ·dt·(n+1)² spans about 0.03–500."""
-    tasks = []
-    for index in range(offset, offset + count):
-        rng = np.random.default_rng([seed, index])
-        arguments = {"n": int(rng.integers(16, 41)), "kappa": float(np.exp(rng.uniform(np.log(0.3), np.log(10)))),
-                     "dt": float(np.exp(rng.uniform(np.log(3e-4), np.log(3e-2)))),
-                     "contrast": float(rng.uniform(0.0, 1.5)), "seed": int(rng.integers(0, 1000)), "steps": STEPS}
-        arguments = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in arguments.items()}
-        tasks.append(ProgramTask.create(arguments, FEATURES, name=f"run-{index}"))
-    return tasks
-
-
 def diffusion_number(task: ProgramTask) -> float:
     a = task.arguments
     return a["kappa"] * a["dt"] * (a["n"] + 1) ** 2
 
 
-def young_omega(task: ProgramTask) -> float:
+def young_omega(task: ProgramTask, omega: Interval) -> float:
     """The constant-coefficient optimum: ρ_J = 4c·cos(πh)/(1+4c), ω* = 2/(1+√(1−ρ_J²))."""
     c, h = diffusion_number(task), 1.0 / (task.arguments["n"] + 1)
     rho = 4 * c * math.cos(math.pi * h) / (1 + 4 * c)
-    return float(min(max(2 / (1 + math.sqrt(1 - rho ** 2)), OMEGA.lo), OMEGA.hi))
+    return float(min(max(2 / (1 + math.sqrt(1 - rho ** 2)), omega.lo), omega.hi))
 
 
 def total_iterations(oracle: ExecutableOracle, task: ProgramTask, omegas: Sequence[float]) -> list[float]:
     """Iterations to RTOL over the whole run, per ω; a failed run counts MAX_IT per step."""
-    cost = Iterations(RTOL, MAX_IT)
-    outcomes = oracle.solve_many(task, [{"pc_sor_omega": float(w), **cost.overrides} for w in omegas])
-    values = [cost(o, task) for o in outcomes]
-    return [float(MAX_IT * STEPS) if math.isnan(v) else v for v in values]
+    results = measure(oracle, Iterations(RTOL, MAX_IT), task, [{"pc_sor_omega": float(w)} for w in omegas])
+    return [float(MAX_IT * STEPS) if math.isnan(r.value) else r.value for r in results]
 
 
-def train(oracle: ExecutableOracle, tasks: Sequence[ProgramTask], budget: Budget) -> tuple[MetaSolver, Trainer]:
-    torch.manual_seed(SEED)
-    space = Space({"pc_sor_omega": OMEGA})
-    meta = MetaSolver(len(FEATURES.names), space, hidden=16, depth=1)
-    meta.fit_normalizer(tasks)
-    surrogate = Surrogate(Surrogate.mlp(len(FEATURES.names), space.dim, hidden=16), lr=1e-3)
-    estimator = ControlVariate(ForwardGradient(tangents=1, difference="central", eps=EPS), surrogate)
-    box = BlackBox(oracle, space, RunIterationProxy(RTOL, max_it=PROXY_MAX_IT), estimator, seed=SEED)
-    optimizer = torch.optim.Adam(meta.parameters(), lr=5e-2)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, budget.steps)
-    # Loss: the batch mean of log smoothed run iterations. The plain mean is dominated by the long
-    # runs (large c); the log gives every run's relative improvement the same weight.
-    trainer = Trainer(meta, box, optimizer, loss=lambda values: torch.log(values).mean(), seed=SEED,
-                      progress=False, scheduler=scheduler)
-    trainer.fit(tasks, steps=budget.steps, batch_size=budget.batch)
-    return meta, trainer
-
-
-def best_constant(oracle: ExecutableOracle, tasks: Sequence[ProgramTask], runs_budget: int) -> tuple[float, int, int]:
+def best_constant(oracle: ExecutableOracle, tasks: Sequence[ProgramTask], runs_budget: int,
+                  omega: Interval) -> tuple[float, int, int]:
     points = runs_budget // len(tasks)
     if points < 1:
         raise ValueError(f"{runs_budget} runs cannot try one ω on {len(tasks)} tasks")
-    grid = np.linspace(OMEGA.lo, OMEGA.hi, points + 2)[1:-1]
+    grid = np.linspace(omega.lo, omega.hi, points + 2)[1:-1]
     totals = np.sum([total_iterations(oracle, t, grid) for t in tasks], axis=0)
     return float(grid[int(np.argmin(totals))]), points, points * len(tasks)
 
 
-def delivered_run(program: str, task: ProgramTask, model: Path, job: Path) -> tuple[int, float, float]:
+def delivered_run(program: str, oracle: ExecutableOracle, task: ProgramTask, model: Path,
+                  job: Path) -> tuple[int, float, float]:
     """train → predict → run: the options file written by `metasolve predict`, then the unmodified
-    program with it; returns (total iterations, ω written, program seconds) from its own output."""
+    program with it and the options every training run had; returns (total iterations, ω written,
+    program seconds) from its own output."""
     options_file, setting = predict(model, job, arguments=task.argv())
-    fixed = [a for k, v in {**SOLVER, "ksp_rtol": RTOL, "ksp_max_it": MAX_IT}.items()
-             for a in (f"-{PREFIX}{k}", *([] if v is None else [str(v)]))]
+    prefix = oracle.prefix
+    fixed = [a for k, v in {**oracle.options, "ksp_rtol": RTOL, "ksp_max_it": MAX_IT}.items()
+             for a in (f"-{prefix}{k}", *([] if v is None or v == "" else [str(v)]))]
     begin = time.perf_counter()
     result = subprocess.run([program, *task.argv(), *fixed, "-options_file", str(options_file),
-                             f"-{PREFIX}ksp_monitor_true_residual", f"-{PREFIX}ksp_converged_reason", "-options_left"],
+                             f"-{prefix}ksp_monitor_true_residual", f"-{prefix}ksp_converged_reason", "-options_left"],
                             capture_output=True, text=True, env=child_environment(), timeout=600)
     seconds = time.perf_counter() - begin
     if result.returncode != 0 or "Option left" in result.stdout:
@@ -173,9 +143,10 @@ def delivered_run(program: str, task: ProgramTask, model: Path, job: Path) -> tu
     return sum(s.iterations for s in report.solves), float(setting["pc_sor_omega"]), seconds
 
 
-def overhead(program: str, oracle: ExecutableOracle, task: ProgramTask, repeats: int) -> tuple[list[dict], dict]:
+def overhead(program: str, oracle: ExecutableOracle, task: ProgramTask, repeats: int,
+             omega: Interval) -> tuple[list[dict], dict]:
     """Oracle call vs the bare program run with the same arguments (same ω), alternating."""
-    setting = {"pc_sor_omega": young_omega(task), "ksp_rtol": RTOL, "ksp_max_it": MAX_IT}
+    setting = {"pc_sor_omega": young_omega(task, omega), "ksp_rtol": RTOL, "ksp_max_it": MAX_IT}
     argv = [program, *task.argv(), *oracle._parse(task, setting)[0]]
     times: dict[str, list[float]] = {"oracle": [], "bare": [], "empty": []}
     iterations = set()
@@ -224,36 +195,38 @@ def run(out: Path, quick: bool = False) -> dict:
     budget = QUICK if quick else FULL
     begin = time.perf_counter()
     program = build_program()
-    oracle = ExecutableOracle([program], options=SOLVER, prefix=PREFIX, timeout=600)
-    train_tasks, eval_tasks = runs(budget.train_tasks, 0), runs(budget.eval_tasks, 1_000_000)
+    config = override(load_config(CONFIG), {"solver.command": [program], **budget.changes}, str(CONFIG))
     phases: dict[str, float] = {}
+    scratch = Path(tempfile.mkdtemp(prefix="heat-stepper-"))  # the run directory and the job directories
+    try:
+        start = time.perf_counter()
+        result = run_config(config, scratch / "run", quiet=True)
+        experiment = result.experiment
+        oracle, omega = experiment.blackbox.oracle, experiment.blackbox.space.parts["pc_sor_omega"]
+        train_tasks, eval_tasks = experiment.train_tasks, experiment.eval_tasks
+        training_runs = result.solves["training"]
+        model = scratch / "run" / MODEL_FILE
+        phases["training (run)"] = time.perf_counter() - start
 
-    start = time.perf_counter()
-    meta, trainer = train(oracle, train_tasks, budget)
-    training_runs = trainer.blackbox.stats.solves
-    scratch = Path(tempfile.mkdtemp(prefix="heat-stepper-"))  # the model file and the job directories
-    model = scratch / "model.pt"
-    save_for_program(model, meta, Delivery(FEATURES, prefix=PREFIX))
-    phases["training"] = time.perf_counter() - start
+        start = time.perf_counter()
+        constant, points, constant_runs = best_constant(oracle, train_tasks, training_runs, omega)
+        phases["best constant"] = time.perf_counter() - start
 
-    start = time.perf_counter()
-    constant, points, constant_runs = best_constant(oracle, train_tasks, training_runs)
-    phases["best constant"] = time.perf_counter() - start
+        start = time.perf_counter()
+        grid = np.round(np.arange(omega.lo, omega.hi + 1e-9, budget.grid_step), 6)
+        table = np.array([total_iterations(oracle, t, grid) for t in eval_tasks])
+        optimum = [float(grid[int(np.argmin(row))]) for row in table]
+        phases["per-run grid"] = time.perf_counter() - start
 
-    start = time.perf_counter()
-    grid = np.round(np.arange(OMEGA.lo, OMEGA.hi + 1e-9, budget.grid_step), 6)
-    table = np.array([total_iterations(oracle, t, grid) for t in eval_tasks])
-    optimum = [float(grid[int(np.argmin(row))]) for row in table]
-    phases["per-run grid"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    delivered = [delivered_run(program, t, model, scratch / t.name) for t in eval_tasks]
-    shutil.rmtree(scratch)
-    phases["predict + delivered runs"] = time.perf_counter() - start
+        start = time.perf_counter()
+        delivered = [delivered_run(program, oracle, t, model, scratch / t.name) for t in eval_tasks]
+        phases["predict + delivered runs"] = time.perf_counter() - start
+    finally:
+        shutil.rmtree(scratch)
 
     start = time.perf_counter()
     omegas = {"default": [1.0] * len(eval_tasks), "best constant": [constant] * len(eval_tasks),
-              "learned, delivered": [d[1] for d in delivered], YOUNG: [young_omega(t) for t in eval_tasks],
+              "learned, delivered": [d[1] for d in delivered], YOUNG: [young_omega(t, omega) for t in eval_tasks],
               "per-run optimum (grid)": optimum}
     counts: dict[str, list[float]] = {"learned, delivered": [float(d[0]) for d in delivered],
                                       "per-run optimum (grid)": [float(row.min()) for row in table]}
@@ -264,14 +237,14 @@ def run(out: Path, quick: bool = False) -> dict:
 
     start = time.perf_counter()
     overhead_rows, overhead_details = overhead(program, oracle, eval_tasks[int(np.argmax(counts["default"]))],
-                                               budget.overhead_repeats)
+                                               budget.overhead_repeats, omega)
     phases["overhead"] = time.perf_counter() - start
 
     optimum_total = sum(counts["per-run optimum (grid)"])
     how = {"default": ("PETSc's default, no option", "0"),
            "best constant": (f"{points} evenly spaced ω on the {len(train_tasks)} training runs", str(constant_runs)),
-           "learned, delivered": (f"Trainer + ControlVariate through the program; ω written by `metasolve predict`, "
-                                  f"run with `-options_file`", str(training_runs)),
+           "learned, delivered": (f"`{CONFIG.name}` trained by `run` through the program; ω written by "
+                                  f"`metasolve predict`, run with `-options_file`", str(training_runs)),
            YOUNG: ("expert: constant-coefficient SOR theory from c = κ·dt/h²", "0"),
            "per-run optimum (grid)": (f"grid step {budget.grid_step} per unseen run (hindsight)",
                                       f"{len(grid)} per run")}
@@ -289,13 +262,15 @@ def run(out: Path, quick: bool = False) -> dict:
     seconds = time.perf_counter() - begin
     c_values = [diffusion_number(t) for t in eval_tasks]
     markdown = "\n".join([
-        f"`examples/legacy_solver/heat_stepper` (C, unmodified; prefix `{PREFIX}`, {STEPS} implicit-Euler steps per "
+        f"`examples/legacy_solver/heat_stepper` (C, unmodified; prefix `{oracle.prefix}`, {STEPS} implicit-Euler steps per "
         f"run, one Richardson + forward-SOR solve per step from the previous step's solution) tuned through its "
         f"command line. {len(eval_tasks)} unseen runs with diffusion numbers c = κ·dt/h² from {min(c_values):.2g} to "
         f"{max(c_values):.2g}; iterations to rtol {RTOL:g} summed over every step of every run, read from the "
-        f"program's own output. Training: {len(train_tasks)} runs, batch {budget.batch}, {budget.steps} steps, "
-        f"central forward gradient (ε = {EPS}) with the surrogate control variate, cost = smoothed total iterations "
-        f"of the run (`RunIterationProxy`), features log n, log κ, log dt, contrast.",
+        f"program's own output. Training: `examples/{CONFIG.name}`{' (quick budget)' if quick else ''} through "
+        f"`metasolve.app.run.run`: {len(train_tasks)} runs, batch {config['train']['batch_size']}, "
+        f"{config['train']['steps']} steps, central forward gradient (ε = {config['estimator']['eps']}) with the "
+        f"surrogate control variate, cost = smoothed total iterations of the run (`run_iteration_proxy`), loss "
+        f"{config['train']['loss']}, features log n, log κ, log dt, contrast; the run deployed its {result.kept} weights.",
         "",
         markdown_table(rows),
         "",
@@ -320,4 +295,4 @@ def run(out: Path, quick: bool = False) -> dict:
     return {"summary": rows, "markdown": markdown, "reduction_vs_constant": reduction, "per_run_reduction": per_run,
             "constant": constant, "omegas": omegas, "counts": counts, "diffusion_numbers": c_values,
             "overhead": overhead_rows, "overhead_details": overhead_details, "training_runs": training_runs,
-            "history": trainer.history, "phases": phases, "delivered_vs_oracle_agree": agree}
+            "history": experiment.trainer.history, "phases": phases, "delivered_vs_oracle_agree": agree}

@@ -1,33 +1,38 @@
 """[initial_guess] Learned initial guesses vs the zero guess and PETSc's own guess accelerators.
 
-Poisson2D(32) (every sine mode present, so no small fixed subspace holds the solutions) and
-Diffusion on a fixed 24 x 24 grid (lognormal coefficients: the operator changes per task), all
-methods side by side on the same unseen tasks, iterations and time to rtol 1e-6:
+Every learned row is the product: `examples/poisson1d_defaults.toml` with its family, solver,
+space, cost, estimator and budget overridden (`metasolve.app.config.override`) and trained by
+`metasolve.app.run.run`, so a row measures what that config runs. Poisson2D(32) (every sine mode
+present, so no small fixed subspace holds the solutions) and Diffusion on a fixed 24 x 24 grid
+(lognormal coefficients: the operator changes per task), all methods side by side on the same
+unseen tasks, iterations and time to rtol 1e-6:
 - zero guess;
 - PETSc's `-ksp_guess_type fischer` and `pod` run over the evaluation sequence (several basis
   sizes, the best reported: below its basis size a projection guess can hurt, docs/architecture.md);
-- meta-solvers trained with the plain forward gradient and with the control variate at the same
-  solve budget, over several seeds;
-- regression on solutions (`metasolve.pretrain`: one solve per training task returns x*, projected
-  on the guess's modes, a linear map from the features by ridge regression with leave-one-out
-  strength) — the supervised bar any solver-aware objective must beat — and that regression
-  followed by training through the solver (control variate, `ResidualArea` cost, learning rate
-  capped by the regression's leave-one-out error: the library's default path);
-- the full finite-difference gradient (d + 1 solves per sample: the non-intrusive ceiling) and,
-  for CG, the exact gradient through the differentiable twin (CG + Jacobi on a constant-diagonal
-  matrix is unpreconditioned CG scaled, so the twin's residual history is PETSc's).
+- meta-solvers trained with the plain forward gradient (`estimator.kind = "forward"`) and with
+  the control variate (`"control_variate"`) at the same solve budget, over several seeds, on the
+  log-residual after a fixed number of iterations, without pretraining;
+- regression on solutions (`[pretrain]`: one solve per training task returns x*, projected on the
+  guess's modes, a linear map from the features by ridge regression with leave-one-out strength;
+  the run's `pretrained.pt`) — the supervised bar any solver-aware objective must beat — and the
+  weights that run deploys: that regression trained through the solver (control variate,
+  `ResidualArea` cost, learning rate capped by the regression's leave-one-out error, kept only if
+  better on validation tasks: the library's default path);
+- the full finite-difference gradient (`"finite_difference"`, d + 1 solves per sample: the
+  non-intrusive ceiling). The exact gradient through a differentiable twin is estimator science,
+  measured in benchmarks/estimators.py.
 Two solvers on Poisson2D: Richardson + SSOR (PETSc's default SOR), where a guess pays off, and
-CG + Jacobi, which needs a guess accurate to ~1e-4 before it saves iterations (measured: an exact
-8x8-mode guess takes CG from 85 to 22 iterations, the same guess with 1% error to 71).
+CG + Jacobi, which needs a very accurate guess before it saves iterations.
 
 Goal case (issue 9): NI-GBMS's Poisson1D(31), `difficult_fraction = 1`, Richardson + Jacobi
 (scale 0.9), x0 in 8 sine modes, run exactly as a user would: `metasolve train
 examples/poisson1d_defaults.toml`, i.e. the library's defaults for cost, estimator, model and
 scaling (pretraining included), against the zero guess and the exact 8-mode projection.
+Results: benchmarks/results/initial_guess.md.
 """
 from __future__ import annotations
 
-
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,21 +43,76 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from metasolve import (BlackBox, ControlVariate, Exact, FiniteDifference, ForwardGradient, Iterations,  # noqa: E402
-                       LogResidual, MetaSolver, Space, Surrogate, Trainer, Vector)
-from metasolve.cost import ResidualArea  # noqa: E402
-from metasolve.pretrain import hand_over, keep_better, pretrain  # noqa: E402
-from metasolve.report import markdown_table  # noqa: E402
-from problems import Diffusion, Poisson2D  # noqa: E402
-from solvers import KSPOracle, PETSc, cg_residuals  # noqa: E402
+from metasolve.app.config import load_config, override  # noqa: E402
+from metasolve.app.evaluation import evaluate  # noqa: E402
+from metasolve.app.report import markdown_table  # noqa: E402
+from metasolve.app.run import RunResult  # noqa: E402
+from metasolve.app.run import run as run_config  # noqa: E402
+from solvers import KSPOracle, PETSc  # noqa: E402
 
 RTOL = 1e-6
+BASE = Path(__file__).resolve().parent.parent / "examples" / "poisson1d_defaults.toml"
 SSOR, CG = dict(ksp_type="richardson", pc_type="sor"), dict(ksp_type="cg", pc_type="jacobi")
-CASES = {  # name: (family, grid, solver, x0 scale, whether the CG twin gives exact gradients)
-    "poisson2d richardson+ssor": (Poisson2D(32), 32, SSOR, 50.0, False),
-    "poisson2d cg+jacobi": (Poisson2D(32), 32, CG, 50.0, True),
-    "diffusion richardson+ssor": (Diffusion(n_range=24), 24, SSOR, 0.3, False),
+CASES = {  # name: (problem.family, problem.params, solver, x0 scale)
+    "poisson2d richardson+ssor": ("poisson2d", {"n": 32}, SSOR, 50.0),
+    "poisson2d cg+jacobi": ("poisson2d", {"n": 32}, CG, 50.0),
+    "diffusion richardson+ssor": ("diffusion", {"n_range": 24}, SSOR, 0.3),
 }
+ITERATIONS, BATCH = 30, 8
+METHODS = {  # name: overrides of the estimator, cost and pretraining
+    "forward gradient": {"estimator.kind": "forward", "cost.kind": "log_residual", "pretrain.enabled": False,
+                         "model.normalize": False},
+    "control variate": {"estimator.kind": "control_variate", "cost.kind": "log_residual", "pretrain.enabled": False,
+                        "model.normalize": False},
+    "regression + through-solver": {"estimator.kind": "control_variate", "cost.kind": "residual_area",
+                                    "pretrain.enabled": True, "pretrain.tasks": 0},
+    "finite differences": {"estimator.kind": "finite_difference", "cost.kind": "log_residual",
+                           "pretrain.enabled": False, "model.normalize": False},
+}
+REGRESSION = "regression on solutions"
+
+
+def config_for(case: str, method: str, steps: int, seed: int, quick: bool) -> dict:
+    """The shipped config, overridden to this case and method: what `metasolve train` would run."""
+    family, params, solver, scale = CASES[case]
+    return override(load_config(BASE), {
+        "problem.family": family, "problem.params": params, "problem.train_tasks": 128 if quick else 512,
+        "problem.eval_tasks": 8 if quick else 32,
+        "solver.ksp_type": solver["ksp_type"], "solver.pc_type": solver["pc_type"], "solver.rtol": RTOL,
+        "solver.options": {},
+        "space.x0": {"kind": "vector", "basis": "sine", "modes": 4, "scale": scale},
+        "cost.iterations": ITERATIONS, "cost.rtol": RTOL,
+        "estimator.tangents": 2, "estimator.eps": 1e-4,
+        "surrogate.hidden": 64, "surrogate.lr": 1e-3, "surrogate.steps": 1, "surrogate.buffer": 0,
+        "surrogate.batch_size": 64,
+        "train.steps": steps, "train.batch_size": BATCH, "train.lr": 1e-3, "train.schedule": "cosine",
+        "train.seed": seed, "train.surrogate_steps": 0, "train.checkpoint_every": steps,
+        "evaluate.rtol": RTOL, "evaluate.max_it": 20_000,
+        **METHODS[method]}, str(BASE))
+
+
+def trained(config: dict) -> tuple[RunResult, dict | None, float]:
+    """`run` in a scratch directory: the result, the run's pretrained weights (if it pretrained)
+    and its wall time."""
+    begin = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench-initial-guess-") as directory:
+        out = Path(directory) / "run"
+        result = run_config(config, out, quiet=True)
+        kept = out / "pretrained.pt"
+        pretrained = torch.load(kept, weights_only=True)["pretrained"] if kept.exists() else None
+    return result, pretrained, time.perf_counter() - begin
+
+
+def regression_row(result: RunResult, pretrained: dict, eval_tasks: list) -> dict:
+    """The run's pretrained weights evaluated as the run evaluates its own (same tasks, same cost)."""
+    experiment = result.experiment
+    deployed = {k: v.clone() for k, v in experiment.meta_solver.state_dict().items()}
+    experiment.meta_solver.load_state_dict(pretrained)
+    try:
+        table = evaluate(experiment, eval_tasks, {})
+    finally:
+        experiment.meta_solver.load_state_dict(deployed)
+    return table["learned"]
 
 
 def petsc_guess_iterations(tasks: list, solver: dict, guess: str, size: int) -> list[tuple[int, float]]:
@@ -90,96 +150,49 @@ def petsc_guess_iterations(tasks: list, solver: dict, guess: str, size: int) -> 
     return results
 
 
-def train(train_tasks: list, solver: dict, method: str, steps: int, seed: int, space: Space,
-          family=None) -> Trainer:
-    torch.manual_seed(seed)
-    feature_dim = train_tasks[0].features.shape[0]
-    meta = MetaSolver(feature_dim, space, depth=0)
-    base = ForwardGradient(tangents=2, eps=1e-4)
-    if method in PRETRAINED:
-        meta.fit_normalizer(train_tasks)
-        untrained = {k: v.clone() for k, v in meta.state_dict().items()}
-        box = BlackBox(KSPOracle(**solver, rtol=RTOL), space, ResidualArea(RTOL),
-                       ControlVariate(base, Surrogate(Surrogate.mlp(feature_dim, space.dim, hidden=64), lr=1e-3)),
-                       seed=seed)
-        optimizer = torch.optim.Adam(meta.parameters(), lr=1e-3)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-        trainer = Trainer(meta, box, optimizer, seed=seed, progress=False, scheduler=scheduler)
-        report = pretrain(meta, box, train_tasks)
-        trainer.pretrain_report = report.describe()
-        if method == "regression + through-solver":
-            pretrained = {k: v.clone() for k, v in meta.state_dict().items()}
-            hand_over(optimizer, scheduler, report, meta)
-            trainer.fit(train_tasks, steps, BATCH)
-            validation = family.tasks(range(len(train_tasks), len(train_tasks) + 16))
-            trainer.pretrain_report += f"; {keep_better(meta, box, {'untrained': untrained, 'pretrained': pretrained}, validation)}"
-        return trainer
-    if method == "forward gradient":
-        estimator = base
-    elif method == "control variate":
-        estimator = ControlVariate(base, Surrogate(Surrogate.mlp(feature_dim, space.dim, hidden=64), lr=1e-3))
-    elif method == "finite differences":
-        estimator = FiniteDifference(eps=1e-4)
-    else:
-        estimator = Exact(lambda theta, task: _twin_cost(space, theta, task))
-    box = BlackBox(KSPOracle(**solver), space, LogResidual(ITERATIONS), estimator, seed=seed)
-    optimizer = torch.optim.Adam(meta.parameters(), lr=1e-3)
-    trainer = Trainer(meta, box, optimizer, seed=seed, progress=False,
-                      scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps))
-    trainer.fit(train_tasks, steps, BATCH)
-    return trainer
-
-
-ITERATIONS, BATCH = 30, 8
-PRETRAINED = ("regression on solutions", "regression + through-solver")
-
-
-def _twin_cost(space: Space, theta: torch.Tensor, task) -> torch.Tensor:
-    x0 = space.decode_tensors(theta)["x0"]
-    b = torch.as_tensor(task.b)
-    history = cg_residuals(task.A, b, x0, ITERATIONS)
-    return torch.log10(history[-1] / b.norm())
-
-
 def run(out: Path, quick: bool = False) -> dict:
     steps = 60 if quick else 600
     rows, curves, distributions = [], {}, {}
-    for solver_name, (family, grid, solver, scale, has_twin) in CASES.items():
-        train_tasks = family.train_tasks(128 if quick else 512)
-        eval_tasks = family.eval_tasks(8 if quick else 32)
-        seeds = [0] if quick or solver_name.startswith("diffusion") else [0, 1]
-        space = Space({"x0": Vector((grid, grid), basis="sine", modes=4, scale=scale)})
+    for case in CASES:
+        solver = CASES[case][2]
+        seeds = [0] if quick or case.startswith("diffusion") else [0, 1]
         results: dict[str, list[dict]] = {}
+        eval_tasks: list = []
+        for method in METHODS:
+            method_steps = max(steps // 5, 10) if method == "finite differences" else steps
+            for seed in (seeds[:1] if method == "finite differences" else seeds):
+                result, pretrained, seconds = trained(config_for(case, method, method_steps, seed, quick))
+                eval_tasks = result.experiment.eval_tasks
+                results.setdefault(method, []).append({**result.evaluation["learned"], "train_seconds": seconds,
+                                                       "solves": result.solves["training"], "kept": result.kept})
+                curves[f"{case} {method} seed {seed}"] = result.experiment.trainer.history
+                if pretrained is not None and REGRESSION not in results:  # pretraining does not depend on the seed
+                    results[REGRESSION] = [{**regression_row(result, pretrained, eval_tasks),
+                                            "solves": min(result.experiment.config["pretrain"]["tasks"]
+                                                          or len(result.experiment.train_tasks),
+                                                          len(result.experiment.train_tasks))}]
         zero = [KSPOracle(**solver, rtol=RTOL, max_it=20_000)(task) for task in eval_tasks]
-        results["zero guess"] = [{"iterations": [o.iterations for o in zero],
-                                  "seconds": [o.setup_seconds + o.seconds for o in zero], "solves": 0}]
+        baselines = {"zero guess": [{"iterations": [o.iterations for o in zero],
+                                     "seconds": [o.setup_seconds + o.seconds for o in zero], "solves": 0}]}
         for guess in ("fischer", "pod"):
             best = min((petsc_guess_iterations(eval_tasks, solver, guess, size) for size in (5, 10, 20, 40)),
                        key=lambda r: np.mean([i for i, _ in r]))
-            results[f"PETSc {guess} (best size)"] = [{"iterations": [i for i, _ in best],
-                                                      "seconds": [s for _, s in best], "solves": 0}]
-        methods = ["forward gradient", "control variate", *PRETRAINED]
-        ceilings = ["finite differences"] + (["exact (twin)"] if has_twin else [])
-        for method in methods + ceilings:
-            for seed in (seeds if method in methods and method != PRETRAINED[0] else seeds[:1]):
-                ceiling_steps = max(steps // 5, 10) if method == "finite differences" else steps
-                begin = time.perf_counter()
-                trainer = train(train_tasks, solver, method, ceiling_steps, seed, space, family)
-                train_seconds = time.perf_counter() - begin
-                learned = trainer.evaluate(eval_tasks, cost=Iterations(RTOL, 20_000), baselines={})["learned"]
-                results.setdefault(method, []).append({**learned, "solves": trainer.blackbox.stats.solves,
-                                                       "train_seconds": train_seconds})
-                curves[f"{solver_name} {method} seed {seed}"] = trainer.history
+            baselines[f"PETSc {guess} (best size)"] = [{"iterations": [i for i, _ in best],
+                                                        "seconds": [s for _, s in best], "solves": 0}]
+        order = [*baselines, "forward gradient", "control variate", REGRESSION, "regression + through-solver",
+                 "finite differences"]
+        results = {**baselines, **results}
         zero_mean = float(np.mean(results["zero guess"][0]["iterations"]))
-        for method, runs in results.items():
+        for method in order:
+            runs = results[method]
             means = [float(np.mean(r["iterations"])) for r in runs]
-            rows.append({"solver": solver_name, "method": method,
+            rows.append({"solver": case, "method": method,
                          "mean iterations (median over seeds)": float(np.median(means)),
                          "spread over seeds": float(max(means) - min(means)),
                          "vs zero guess": float(np.median(means)) / zero_mean - 1.0,
                          "mean solve ms": 1e3 * float(np.median([np.mean(r["seconds"]) for r in runs])),
                          "training solves": int(runs[0]["solves"]), "seeds": len(runs)})
-            distributions[f"{solver_name}\n{method}"] = runs[0]["iterations"]
+            distributions[f"{case}\n{method}"] = runs[0]["iterations"]
     goal = defaults_case(quick)
     rows += goal["rows"]
     _plot(distributions, curves, out)
@@ -188,38 +201,33 @@ def run(out: Path, quick: bool = False) -> dict:
 
 
 def defaults_case(quick: bool) -> dict:
-    """Issue 9's goal: `examples/poisson1d_defaults.toml` through the `metasolve train` path."""
-    import tempfile
-
-    from metasolve.cli import train as train_from_config
-    from metasolve.config import load_config, override
-
-    path = Path(__file__).resolve().parent.parent / "examples" / "poisson1d_defaults.toml"
-    config = load_config(path)
+    """Issue 9's goal: `examples/poisson1d_defaults.toml` as `metasolve train` runs it."""
+    config = load_config(BASE)
     if quick:
-        config = override(config, {"train.steps": 40}, str(path))
-    with tempfile.TemporaryDirectory() as directory:
-        experiment, evaluation = train_from_config(config, Path(directory) / "run", quiet=True)
-    stats = experiment.blackbox.stats
+        config = override(config, {"train.steps": 40}, str(BASE))
+    result, _, _ = trained(config)
+    experiment, evaluation = result.experiment, result.evaluation
     family, tasks = experiment.family, experiment.eval_tasks
     basis = experiment.blackbox.space.parts["x0"]
     projection = [KSPOracle(**_solver(config), rtol=RTOL, max_it=20_000)(
         task, {"x0": basis.decode_tensor(basis.encode(task.x_ref)).numpy()}).iterations for task in tasks]
     zero = float(np.mean(evaluation["zero guess"]["iterations"]))
     learned = float(np.mean(evaluation["learned"]["iterations"]))
+    solves = result.solves["training"]
     rows = [{"solver": "poisson1d richardson+jacobi (defaults config)", "method": name,
              "mean iterations (median over seeds)": value, "spread over seeds": 0.0, "vs zero guess": value / zero - 1.0,
-             "mean solve ms": ms, "training solves": solves, "seeds": 1}
-            for name, value, ms, solves in (
+             "mean solve ms": ms, "training solves": spent, "seeds": 1}
+            for name, value, ms, spent in (
                 ("zero guess", zero, 1e3 * float(np.mean(evaluation["zero guess"]["seconds"])), 0),
                 ("8-mode projection of x* (oracle)", float(np.mean(projection)), float("nan"), 0),
                 ("learned with the library's defaults", learned, 1e3 * float(np.mean(evaluation["learned"]["seconds"])),
-                 stats.solves))]
+                 solves))]
     met = learned <= 0.2 * zero
-    text = (f"Goal (issue 9): `{path.name}` with the library's defaults ({family.describe()[:60]}...): learned "
+    text = (f"Goal (issue 9): `{BASE.name}` with the library's defaults ({family.describe()[:60]}...): learned "
             f"{learned:.0f} vs zero guess {zero:.0f} mean iterations on {len(tasks)} unseen tasks "
             f"({100 * (learned / zero - 1):+.0f}%, goal <= -80%: {'met' if met else 'missed'}); the exact 8-mode "
-            f"projection needs {np.mean(projection):.0f}. Training solves (pretraining included): {stats.solves}.")
+            f"projection needs {np.mean(projection):.0f}. Training solves (pretraining included): {solves}; "
+            f"deployed weights: {result.kept}.")
     return {"rows": rows, "markdown": text}
 
 
@@ -257,7 +265,7 @@ def _markdown(rows: list[dict], quick: bool) -> str:
         zero = by["zero guess"]["mean iterations (median over seeds)"]
         petsc = min(by["PETSc fischer (best size)"]["mean iterations (median over seeds)"],
                     by["PETSc pod (best size)"]["mean iterations (median over seeds)"])
-        ceiling = min(by[m]["mean iterations (median over seeds)"] for m in by if m in ("finite differences", "exact (twin)"))
+        ceiling = by["finite differences"]["mean iterations (median over seeds)"]
         regression = by["regression on solutions"]["mean iterations (median over seeds)"]
         both = by["regression + through-solver"]["mean iterations (median over seeds)"]
         verdicts.append(f"- {solver}: regression on solutions {regression:.0f} ({100 * (regression / zero - 1):+.0f}%), "
@@ -269,8 +277,10 @@ def _markdown(rows: list[dict], quick: bool) -> str:
                         f"vs the gradient ceiling {ceiling:.0f} ({100 * (cv / ceiling - 1):+.0f}%, goal within 10%: "
                         f"{'met' if cv <= 1.1 * ceiling else 'missed'}).")
     note = " (quick mode: tiny budgets, numbers not meaningful)" if quick else ""
-    return (f"x0 in the 4x4 lowest sine modes, LogResidual({ITERATIONS}) training cost, batch "
-            f"{BATCH}, linear meta-solver on the family's features, Adam 1e-3 cosine-annealed{note}.\n\n"
+    return (f"Every learned row: `{BASE.relative_to(BASE.parents[1])}` overridden and trained by "
+            f"`metasolve.app.run.run`. x0 in the 4x4 lowest sine modes, LogResidual({ITERATIONS}) training cost "
+            f"(ResidualArea for the pretrained path), batch {BATCH}, linear meta-solver on the family's features, "
+            f"Adam 1e-3 cosine-annealed{note}.\n\n"
             f"{markdown_table(rows)}\n\n" + "\n".join(verdicts) +
             "\n\n![iterations](initial_guess_iterations.png) ![curves](initial_guess_learning_curves.png)")
 

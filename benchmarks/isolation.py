@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from metasolve.report import markdown_table
+from metasolve.app.report import markdown_table
 from problems import Poisson2D
 from solvers import IsolatedOracle, KSPOracle
 

@@ -16,6 +16,12 @@ Parts of a step (wall time; they add up to the step):
   adopting the update's result on every rank,
 - `other`: everything else (loss, network backward, optimizer step, bookkeeping).
 `instrument` wraps bound methods of one run's objects; nothing in the library is changed.
+
+Timing of machinery: it assembles the library's internals (`build_experiment`, `Trainer.fit`)
+itself, because it times the parts *inside* a step (the recipe of
+`metasolve.app.run.run` around the fit — preflight, pretraining, evaluation — is not what it
+measures). Sections that measure what a config achieves go through `run` instead
+(`tests/test_benchmarks_measure_product.py`).
 """
 from __future__ import annotations
 
@@ -116,9 +122,9 @@ def allgather_seconds(comm: Any, item: Any, items: int, repeats: int = 200) -> f
 def main(config_path: str, out: Path) -> None:
     import torch
 
-    from metasolve.cli import make_executor
-    from metasolve.config import load_config
-    from metasolve.experiment import build_experiment
+    from metasolve.app.config import load_config
+    from metasolve.app.experiment import build_experiment
+    from metasolve.app.run import make_executor
     from solvers._petsc import MPI
 
     torch.set_num_threads(1)

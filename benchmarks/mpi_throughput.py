@@ -14,6 +14,9 @@ another's) and the homogeneous Poisson2D(48) measured before. Wall times on a sh
 drift; the deterministic proxy next to them does not: the load imbalance (slowest rank's solve
 flops over the mean) of the static and the balanced assignment, from PETSc's flop counts per
 task, over random batches.
+
+Timing of machinery: it builds experiments and drives the executors (the library's internals)
+directly, to time the solve phase alone (`tests/test_benchmarks_measure_product.py`).
 """
 from __future__ import annotations
 
@@ -28,8 +31,8 @@ import numpy as np
 import torch
 
 from benchmarks.mpi_step import PARTS
-from metasolve.parallel import block, longest_first
-from metasolve.report import markdown_table
+from metasolve.training.parallel import block, longest_first
+from metasolve.app.report import markdown_table
 
 HETEROGENEOUS = """
 [problem]
@@ -163,9 +166,9 @@ def flop_proxy(tasks: int = 64, batch: int = 16, trials: int = 200) -> dict:
     """Deterministic load imbalance of the heterogeneous family: PETSc flops of each task's solves
     (centre + one query at the initial ω), then slowest-rank flops / mean for random batches cut
     into contiguous blocks (static) or assigned longest-first with the flops as costs (balanced)."""
-    from metasolve.config import parse_config
-    from metasolve.experiment import build_experiment
-    from metasolve.parallel import SerialExecutor
+    from metasolve.app.config import parse_config
+    from metasolve.app.experiment import build_experiment
+    from metasolve.training.parallel import SerialExecutor
     from solvers._petsc import PETSc
 
     config = parse_config(HETEROGENEOUS.format(steps=1, tasks=tasks, schedule="balanced", chunk_rows=0), "<flop proxy>")

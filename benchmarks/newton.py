@@ -1,29 +1,34 @@
-"""[newton] A learned initial guess for PETSc Newton on Bratu, against what a PETSc user would try.
+"""[newton] The demo's learned initial guess for PETSc Newton on Bratu, against what a PETSc user would try.
 
-The user's solver: `newtonls` + backtracking, LU inside Newton, analytic Jacobian, on ex5's
-Bratu DMDA (`problems/bratu.py`); every solve stops at ‖F‖ ≤ 1e-10·‖F(0)‖ (the same accuracy for
-every guess). On the same unseen tasks, side by side:
+The learned guess is trained by the product itself: `metasolve/app/demo.toml` (the job `make demo`
+runs) through `metasolve.app.run.run` — the same estimator, learning rate, pretraining and
+keep-better step — on the demo's own case (λ near the fold) and, with `problem.params`
+overridden, on a wider λ range and a finer grid. The user's solver: `newtonls` + backtracking,
+LU inside Newton, analytic Jacobian, on ex5's Bratu DMDA (`problems/bratu.py`); every solve stops
+at ‖F‖ ≤ 1e-10·‖F(0)‖ (the same accuracy for every guess). On the run's unseen tasks, side by side:
 - zero guess, and ex5's own hand-made guess (λ/(λ+1)·√(distance to the boundary));
 - `-snes_grid_sequence k` (PETSc solves on k coarser grids first; best k reported), counting the
   fine-grid Newton steps and the coarse ones apart — its time and flops include every level;
 - nearest-neighbour warm start: the stored solution of the training task with the closest λ;
-- regression on solutions (`metasolve.pretrain`): one solve per training task, the solution
-  projected on the lowest sine modes, a linear map from the features fitted by ridge regression
-  with leave-one-out strength;
-- learned: that regression, then trained through the solver (forward gradient on the
-  `ResidualArea` of the Newton residual history), the extra solves counted; the through-solver
-  result is kept only if it lowers the training cost on held-out training tasks.
+- regression on solutions: the run's pretrained weights (`<out>/pretrained.pt`: one solve per
+  training task, the solution projected on the lowest sine modes, a linear map from the features
+  fitted by ridge regression with leave-one-out strength);
+- learned: the weights the run deployed (the pretrained ones trained through the solver, kept
+  only if they lower the training cost on validation tasks), with its solves counted.
 Time is SNESSolve's (after SNESSetUp: matrices and the LU's symbolic setup, which a code solving
 many tasks keeps; grid sequencing still sets up its finer levels inside the solve) plus the method's own work (features and inference, or the nearest-neighbour
 search), the fastest of repeats with methods interleaved per task, as wall time and as process CPU
-time: on a shared, loaded machine (load average ~15 on 2 cores here) the CPU time is what the solve
-computed, the wall time also what it waited. Flops are PETSc's
-count (LU and vector work; the Python residual/Jacobian callbacks are the same for every method).
+time: on a shared, loaded machine the CPU time is what the solve computed, the wall time also
+what it waited. Flops are PETSc's count (LU and vector work; the Python residual/Jacobian
+callbacks are the same for every method). Results: benchmarks/results/newton.md.
 """
 from __future__ import annotations
 
+import copy
 import math
+import tempfile
 import time
+from importlib import resources
 from pathlib import Path
 
 import matplotlib
@@ -33,19 +38,28 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from metasolve import BlackBox, ForwardGradient, MetaSolver, Space, Trainer, Vector  # noqa: E402
-from metasolve.cost import ResidualArea  # noqa: E402
-from metasolve.pretrain import pretrain  # noqa: E402
-from metasolve.report import markdown_table  # noqa: E402
+from metasolve.app.config import override, parse_config  # noqa: E402
+from metasolve.app.report import markdown_table  # noqa: E402
+from metasolve.app.run import VALIDATION_TASKS  # noqa: E402
+from metasolve.app.run import run as run_config  # noqa: E402
+from metasolve.method.meta_solver import MetaSolver  # noqa: E402
 from problems.bratu import Bratu, BratuOracle, BratuTask  # noqa: E402
 
 RTOL = 1e-10
-CASES = {  # name: family, sine modes per axis of the guess
-    "bratu n=25, λ in [0.5, 6.6]": (Bratu(n=25, lam_range=(0.5, 6.6)), 6),
-    "bratu n=25, λ in [6.0, 6.75] (near the fold)": (Bratu(n=25, lam_range=(6.0, 6.75)), 6),
+"""The demo family's own SNES tolerance (`Bratu.oracle()`), used by the timing harness too."""
+DEMO = "the demo (metasolve/app/demo.toml): n=25, λ in [6.0, 6.75] (near the fold)"
+CASES = {  # name: overrides of the demo's config
+    "bratu n=25, λ in [0.5, 6.6]": {"problem.params": {"n": 25, "lam_range": [0.5, 6.6]}},
+    DEMO: {},
     # A finer grid: the same Newton counts, but LU per step outweighs SNESSolve's fixed cost.
-    "bratu n=49, λ in [0.5, 6.6]": (Bratu(n=49, lam_range=(0.5, 6.6)), 6),
+    "bratu n=49, λ in [0.5, 6.6]": {"problem.params": {"n": 49, "lam_range": [0.5, 6.6]}},
 }
+
+
+def demo_config() -> dict:
+    """The config `make demo` trains."""
+    text = resources.files("metasolve.app").joinpath("demo.toml").read_text()
+    return parse_config(text, "metasolve/app/demo.toml")
 
 
 def ex5_guess(task: BratuTask) -> np.ndarray:
@@ -87,9 +101,9 @@ def learned_guess(meta: MetaSolver, family: Bratu, task: BratuTask) -> dict:
 
 def compiled(meta: MetaSolver, family: Bratu):
     """A linear meta-solver and a linear decode compose to one affine map u0 = M z + m (z the raw
-    features): deployed in NumPy it costs one (n − 2)² x 6 product. Measured cold, right after a PETSc
-    solve, torch inference (`learned_guess`) took ~0.75 ms here against ~1.4 ms for a whole
-    zero-guess Newton solve, i.e. more than the two Newton steps it saves; hot, 0.1 ms."""
+    features): deployed in NumPy it costs one (n − 2)² x 6 product. Measured cold, right after a
+    PETSc solve, torch inference (`learned_guess`) costs about as much as the Newton steps it saves
+    (the "learned, torch inference" rows of benchmarks/results/newton.md)."""
     (layer,) = [m for m in meta.modules() if isinstance(m, torch.nn.Linear)]
     part = meta.space.parts["u0"]
     with torch.no_grad():
@@ -106,37 +120,37 @@ def compiled(meta: MetaSolver, family: Bratu):
     return guess
 
 
-def train_through_solver(meta: MetaSolver, oracle: BratuOracle, space: Space, train: list, held_out: list,
-                         steps: int, seed: int) -> tuple[dict, int]:
-    """Forward-gradient training on the Newton residual area from the pretrained state, kept
-    only if the held-out training cost falls. Returns (record, training solves)."""
-    box = BlackBox(oracle, space, ResidualArea(RTOL, stop=False), ForwardGradient(tangents=2, eps=1e-5), seed=seed)
-    trainer = Trainer(meta, box, torch.optim.Adam(meta.parameters(), lr=1e-4), seed=seed, progress=False)
-    before = trainer.evaluate_cost(held_out)
-    saved = {k: v.clone() for k, v in meta.state_dict().items()}
-    trainer.fit(train, steps, min(8, len(train)))
-    after = trainer.evaluate_cost(held_out)
-    kept = after < before
-    if not kept:
-        meta.load_state_dict(saved)
-    return {"held-out cost before": before, "after": after, "kept": kept}, box.stats.solves + box.stats.evaluation_solves
+def trained_by_the_product(changes: dict, quick: bool) -> tuple[dict, MetaSolver, MetaSolver]:
+    """`run` on the demo's config with `changes`: (what the run reports, the deployed meta-solver,
+    the regression it started from — the run's pretrained weights)."""
+    changes = dict(changes)
+    if quick:
+        changes.update({"problem.eval_tasks": 8, "train.steps": 5})
+    config = override(demo_config(), changes, "metasolve/app/demo.toml")
+    with tempfile.TemporaryDirectory(prefix="bench-newton-") as directory:
+        out = Path(directory) / "run"
+        result = run_config(config, out, quiet=True)
+        candidates = torch.load(out / "pretrained.pt", weights_only=True)
+    deployed = result.experiment.meta_solver
+    regression = copy.deepcopy(deployed)
+    regression.load_state_dict(candidates["pretrained"])
+    n_train = len(result.experiment.train_tasks)
+    validation = (len(candidates) + 1) * min(VALIDATION_TASKS, n_train)  # keep-better: one solve per task and candidate
+    learned = {"experiment": result.experiment, "kept": result.kept, "evaluation": result.summary,
+               "pretrain solves": min(config["pretrain"]["tasks"] or n_train, n_train),
+               "solves": result.solves["training"] + validation, "train_seconds": result.train_seconds,
+               "held-out training cost": result.experiment.trainer.progress_report}
+    return learned, deployed, regression
 
 
-def run_case(family: Bratu, modes: int, quick: bool) -> tuple[list[dict], dict]:
+def run_case(changes: dict, quick: bool) -> tuple[list[dict], dict]:
+    learned, meta, regression = trained_by_the_product(changes, quick)
+    experiment = learned["experiment"]
+    family, train, eval_tasks = experiment.family, experiment.train_tasks, experiment.eval_tasks
     oracle = BratuOracle(rtol=RTOL)
-    n_train = 16
-    train, eval_tasks = family.train_tasks(n_train), family.eval_tasks(8 if quick else 32)
-    held_out = family.tasks(range(n_train, n_train + 8))
+    n_train = len(train)
     repeats = 3 if quick else 9
-    space = Space({"u0": Vector(train[0].grid_shape, basis="sine", modes=modes)})
-    meta = MetaSolver(family.feature_dim, space, depth=0)
-    meta.fit_normalizer(train)
-    box = BlackBox(oracle, space, ResidualArea(RTOL, stop=False), ForwardGradient())
-    report = pretrain(meta, box, train)
-    regression = MetaSolver(family.feature_dim, space, depth=0)
-    regression.load_state_dict(meta.state_dict())
-    stored = [(t.lam, oracle(t).solution) for t in train]  # what nearest-neighbour keeps: the same 16 solves
-    guard, extra = train_through_solver(meta, oracle, space, train, held_out, 20 if quick else 100, seed=0)
+    stored = [(t.lam, oracle(t).solution) for t in train]  # what nearest-neighbour keeps: one solve per training task
 
     def nearest(task: BratuTask) -> dict:
         return {"u0": min(stored, key=lambda s: abs(s[0] - task.lam))[1]}
@@ -148,9 +162,9 @@ def run_case(family: Bratu, modes: int, quick: bool) -> tuple[list[dict], dict]:
         "grid sequencing k=2": (clocked(lambda t: {"snes_grid_sequence": 2}), 0),
         "grid sequencing k=3": (clocked(lambda t: {"snes_grid_sequence": 3}), 0),
         f"nearest neighbour ({n_train} solutions)": (clocked(nearest), n_train),
-        "regression on solutions": (clocked(compiled(regression, family)), report.solves),
-        "learned, torch inference": (clocked(lambda t: learned_guess(meta, family, t)), report.solves + extra),
-        "learned (regression + through-solver)": (clocked(compiled(meta, family)), report.solves + extra),
+        "regression on solutions": (clocked(compiled(regression, family)), learned["pretrain solves"]),
+        "learned, torch inference": (clocked(lambda t: learned_guess(meta, family, t)), learned["solves"]),
+        "learned (the demo's recipe)": (clocked(compiled(meta, family)), learned["solves"]),
     }
     names = list(methods)
     record = {name: {"its": [], "coarse": [], "seconds": [], "cpu": [], "flops": [], "failures": 0} for name in names}
@@ -182,30 +196,36 @@ def run_case(family: Bratu, modes: int, quick: bool) -> tuple[list[dict], dict]:
         row["time vs zero"] = row["mean ms"] / zero["mean ms"] - 1.0
         row["CPU time vs zero"] = row["mean CPU ms"] / zero["mean CPU ms"] - 1.0
         row["flops vs zero"] = row["mean Mflop"] / zero["mean Mflop"] - 1.0
-    extras = {"pretrain": report.describe(), "through-solver guard": guard, "per_task": per_task,
-              "lam": [t.lam for t in eval_tasks]}
+    extras = {"kept": learned["kept"], "held-out training cost": learned["held-out training cost"],
+              "run's evaluation": learned["evaluation"], "train_seconds": learned["train_seconds"],
+              "per_task": per_task, "lam": [t.lam for t in eval_tasks]}
     return rows, extras
 
 
 def run(out: Path, quick: bool = False) -> dict:
     summary, details, text = [], {}, []
-    for case, (family, modes) in CASES.items():
-        rows, extras = run_case(family, modes, quick)
+    for case, changes in CASES.items():
+        rows, extras = run_case(changes, quick)
         summary += [{"case": case, **row} for row in rows]
         details[case] = extras
         text.append(_verdict(case, rows, extras))
     _plot(details, out)
-    note = " (quick mode: 8 unseen tasks, numbers not meaningful)" if quick else ""
-    markdown = (f"PETSc newtonls + bt, LU, exact Jacobian, Bratu on ex5's DMDA, ‖F‖ ≤ {RTOL:g}·‖F(0)‖; guesses in "
-                f"the lowest 6x6 sine modes; 16 training tasks{note}. Time: SNESSolve + features/inference/"
-                f"search, fastest of repeats, wall and CPU (shared machine under load).\n\n{markdown_table(summary)}\n\n" + "\n".join(text)
+    note = " (quick mode: 8 unseen tasks, 5 training steps, numbers not meaningful)" if quick else ""
+    markdown = (f"The learned guess is `metasolve/app/demo.toml` trained by `metasolve.app.run.run` (the demo's "
+                f"estimator, learning rate, pretraining and keep-better step); the other cases override only "
+                f"`problem.params`. PETSc newtonls + bt, LU, exact Jacobian, Bratu on ex5's DMDA, "
+                f"‖F‖ ≤ {RTOL:g}·‖F(0)‖; guesses in the lowest 6x6 sine modes; 16 training tasks{note}. Time: "
+                f"SNESSolve + features/inference/search, fastest of repeats, wall and CPU (shared machine under "
+                f"load). Training solves of the learned rows: the run's (pretraining included) plus its "
+                f"keep-better validation solves.\n\n{markdown_table(summary)}\n\n" + "\n".join(text)
                 + "\n\n![per task](newton.png)")
     return {"summary": summary, "details": details, "markdown": markdown}
 
 
 def _verdict(case: str, rows: list[dict], extras: dict) -> str:
     by = {r["method"]: r for r in rows}
-    learned = by["learned (regression + through-solver)"]
+    run_table = ", ".join(f"{r['method']} {r['mean_iterations']:.2f}" for r in extras["run's evaluation"])
+    learned = by["learned (the demo's recipe)"]
     rivals = [r for name, r in by.items() if name.startswith(("nearest", "grid"))]
     behind = [r["method"] for r in rivals if not (learned["mean Newton its"] <= r["mean Newton its"]
                                                   and learned["mean CPU ms"] < r["mean CPU ms"]
@@ -215,8 +235,9 @@ def _verdict(case: str, rows: list[dict], extras: dict) -> str:
             f"{100 * learned['time vs zero']:+.0f}% under load), flops "
             f"{100 * learned['flops vs zero']:+.0f}%, failures {learned['failures']} vs zero's "
             f"{by['zero guess']['failures']}; ahead of nearest neighbour and grid sequencing (no more Newton its, less "
-            f"CPU time and flops): {'yes' if not behind else 'no, not of ' + ', '.join(behind)}. {extras['pretrain']}; "
-            f"through-solver step: {extras['through-solver guard']}.")
+            f"CPU time and flops): {'yes' if not behind else 'no, not of ' + ', '.join(behind)}. The run deployed "
+            f"its {extras['kept']} weights (training {extras['train_seconds']:.0f} s); its own evaluation table "
+            f"(mean Newton iterations to `[evaluate] rtol`, as `metasolve train` reports them): {run_table}.")
 
 
 def _plot(details: dict, out: Path) -> None:

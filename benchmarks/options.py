@@ -14,11 +14,16 @@ evaluation tasks, iterations and time to rtol 1e-6:
   same path; and the same formula with ρ_J from an exact eigenvalue solve (ARPACK) for reference;
 - nearest neighbour: the per-instance optimal ω of the training task nearest in (standardised)
   operator features, with the per-training-task optima bought by the same solve budget;
-- learned per-instance ω on operator features: a MetaSolver trained through the BlackBox with
-  ControlVariate(ForwardGradient, Surrogate), as a correction *around* the textbook ω* (the
-  network's output is added to the textbook value in θ, and starts at zero), so it only learns
-  what Young's formula gets wrong at a finite tolerance; also without the anchor, and on the
-  family's own hand-made features (the earlier setup), to show what each part contributes;
+- learned per-instance ω, trained the way a user trains it: `examples/sor_omega.toml` overridden
+  with `metasolve.app.config.override` and run through `metasolve.app.run.run` (the recipe of
+  `metasolve train`: supervised start, training through the solver, keep-better). The main learner
+  asks for the textbook anchor from the config (`[model] anchor = {pc_sor_omega =
+  "sor_omega_star"}`: the network's output is added in θ to Young's ω* read from the operator
+  features, and starts at zero) and for the options' supervised start (`[pretrain] tasks`,
+  `search_solves`: a golden-section search per task, regressed on the features); the ablations drop
+  the anchor, and use the family's own hand-made features; the supervised start alone (the
+  `pretrained.pt` weights each run keeps) shows what the search and regression give before any
+  training through the solver;
 - the per-instance optimum by grid search on each evaluation task (the limit), and the best
   constant in hindsight on the evaluation tasks (the limit of any constant).
 Time to solution of the feature-based methods includes computing the features and the prediction.
@@ -32,7 +37,9 @@ reach the round-off floor (k = 100, n = 12: ω 1.64 instead of 1.60).
 """
 from __future__ import annotations
 
+import json
 import math
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -47,11 +54,12 @@ import numpy as np  # noqa: E402
 import scipy.sparse as sp  # noqa: E402
 import scipy.sparse.linalg as spla  # noqa: E402
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
 
-from metasolve import (BlackBox, ControlVariate, ForwardGradient, Interval, IterationProxy, Iterations,  # noqa: E402
-                       MetaSolver, Space, Surrogate, Trainer)
-from metasolve.report import markdown_table, plot_learning_curves  # noqa: E402
+from metasolve import Interval, Iterations  # noqa: E402
+from metasolve.app.config import load_config, override  # noqa: E402
+from metasolve.app.report import markdown_table, plot_learning_curves  # noqa: E402
+from metasolve.app.run import run as run_config  # noqa: E402
+from metasolve.training.option_search import golden_section  # noqa: E402
 from problems import Diffusion  # noqa: E402
 from problems.family import with_features  # noqa: E402
 from solvers import KSPOracle, PETSc  # noqa: E402
@@ -66,9 +74,13 @@ OPERATOR = list(range(len(OPERATOR_FEATURE_NAMES)))
 OMEGA_STAR = OPERATOR_FEATURE_NAMES.index("sor_omega_star")
 
 
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "sor_omega.toml"
+"""The shipped config the learned rows train from (family, solver, space, cost, estimator, model)."""
+
+
 @dataclass(frozen=True)
 class Scale:
-    """How much of everything one run does."""
+    """How much of everything one run does (what the shipped config does not fix)."""
 
     train_tasks: int
     eval_tasks: int
@@ -80,55 +92,32 @@ class Scale:
     coarse_step: float
     fine_step: float
     lr: float = 1e-2
-    hidden: int = 32
-    depth: int = 1
-    proxy_max_it: int = 300
-    eps: float = 1e-2
+    pretrain_tasks: int = 16
+    search_solves: int = 16
+    """16 solves pin each task's θ to ±0.003 (`supervised_start`): forward SOR's optimum is sharp."""
     timing_repeats: int = 3
 
 
 FULL = Scale(train_tasks=1024, eval_tasks=30, steps=400, batch_size=16, seeds=(0, 1, 2), golden_evaluations=24,
              optuna_trials=40, coarse_step=0.01, fine_step=0.001)
-QUICK = Scale(train_tasks=256, eval_tasks=8, steps=150, batch_size=8, seeds=(0,), golden_evaluations=12,
-              optuna_trials=16, coarse_step=0.02, fine_step=0.004, lr=3e-2)
-"""A smoke test: too small a budget for the learned ω to mean much."""
+MEDIUM = Scale(train_tasks=256, eval_tasks=16, steps=150, batch_size=8, seeds=(0,), golden_evaluations=12,
+               optuna_trials=16, coarse_step=0.01, fine_step=0.002, lr=2e-2)
+"""What fits in about ten CPU minutes on a shared machine: one seed, a quarter of the tasks."""
+QUICK = Scale(train_tasks=64, eval_tasks=6, steps=20, batch_size=8, seeds=(0,), golden_evaluations=6,
+              optuna_trials=6, coarse_step=0.05, fine_step=0.01, lr=3e-2, pretrain_tasks=8, search_solves=6,
+              timing_repeats=1)
+"""A smoke test of the harness: too small a budget for the learned ω to mean much."""
 
+ANCHOR = {"model.anchor": {"pc_sor_omega": "sor_omega_star"}}
+"""Young's ω* from the operator features (`solvers.features`) as the start of the learned ω."""
 LEARNERS = {
-    "learned around textbook ω* (operator features)": {"columns": "operator", "anchor": True},
-    "learned (operator features, no anchor)": {"columns": "operator", "anchor": False},
-    "learned (family features, no anchor)": {"columns": "family", "anchor": False},
+    "learned around textbook ω* (operator features)": ANCHOR,
+    "learned (operator features, no anchor)": {},
+    "learned (family features, no anchor)": {"problem.features": "family"},
 }
-
-
-class Predictor(nn.Module):
-    """features → θ for Interval(1, 2): a MetaSolver on some feature columns, optionally added to
-    the textbook θ* = logit(ω* − 1) read from the operator features.
-
-    With the anchor, the zero-initialised MetaSolver starts exactly at Young's ω*, and training
-    only has to learn the correction (ω* ignores the finite tolerance and the transient of forward
-    SOR; measured, the optimum sits a few 1e-3 above it).
-    """
-
-    def __init__(self, columns: Sequence[int], anchor: bool, hidden: int, depth: int, train_features: torch.Tensor) -> None:
-        super().__init__()
-        self.space = Space({"pc_sor_omega": OMEGA})
-        self.register_buffer("columns", torch.as_tensor(list(columns), dtype=torch.long))
-        self.anchor = anchor
-        self.meta = MetaSolver(len(columns), self.space, hidden=hidden, depth=depth)
-        chosen = train_features[:, self.columns]
-        self.meta.feature_mean.copy_(chosen.mean(0))
-        self.meta.feature_scale.copy_(chosen.std(0).clamp(min=1e-12))
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        theta = self.meta(features[:, self.columns])
-        if not self.anchor:
-            return theta
-        fraction = ((features[:, OMEGA_STAR] - OMEGA.lo) / (OMEGA.hi - OMEGA.lo)).clamp(1e-4, 1 - 1e-4)
-        return theta + torch.logit(fraction)[:, None]
-
-    def predict(self, task: Any) -> dict[str, Any]:
-        with torch.no_grad():
-            return self.space.decode(self(task.features[None, :])[0])
+"""Config overrides of each learned row; every run also gets the scale's overrides."""
+SUPERVISED = "supervised start alone, around textbook ω*"
+"""The main learner's pretrained weights (search + regression, before training through the solver)."""
 
 
 def make_oracle() -> KSPOracle:
@@ -152,33 +141,41 @@ def seeds_of(learner: str, scale: Scale) -> tuple[int, ...]:
     return scale.seeds if learner == next(iter(LEARNERS)) else scale.seeds[:1]
 
 
-def columns_of(kind: str, task: Any) -> list[int]:
-    return OPERATOR if kind == "operator" else list(range(len(OPERATOR), task.features.shape[0]))
+def learner_config(scale: Scale, seed: int, changes: dict[str, Any]) -> dict:
+    """The shipped config at this scale, with a learner's changes: what `metasolve train` would run.
+    The run's own best-constant baseline is switched off: this section searches its constants
+    itself, with the training run's solve budget."""
+    return override(load_config(EXAMPLE), {
+        "problem.train_tasks": scale.train_tasks, "problem.eval_tasks": scale.eval_tasks,
+        "train.steps": scale.steps, "train.batch_size": scale.batch_size, "train.lr": scale.lr, "train.seed": seed,
+        "pretrain.tasks": scale.pretrain_tasks, "pretrain.search_solves": scale.search_solves,
+        "evaluate.constant_evaluations": 0, **changes}, str(EXAMPLE))
 
 
-def train_learned(train_tasks: list, scale: Scale, seed: int, learner: dict) -> tuple[Trainer, dict]:
-    """One predictor trained through the black box; returns the trainer and its run record."""
-    torch.manual_seed(seed)
-    features = torch.stack([t.features for t in train_tasks])
-    predictor = Predictor(columns_of(learner["columns"], train_tasks[0]), learner["anchor"], scale.hidden,
-                          scale.depth, features)
-    space = predictor.space
-    surrogate = Surrogate(Surrogate.mlp(features.shape[1], space.dim))
-    estimator = ControlVariate(ForwardGradient(tangents=1, eps=scale.eps), surrogate)
-    blackbox = BlackBox(make_oracle(), space, IterationProxy(RTOL, max_it=scale.proxy_max_it), estimator, seed=seed)
-    optimizer = torch.optim.Adam(predictor.parameters(), lr=scale.lr)
-    # Cosine decay to lr/30: the last steps fine-tune ω to the ~0.005 the iteration count is sensitive to.
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, scale.steps, eta_min=scale.lr / 30)
-    trainer = Trainer(predictor, blackbox, optimizer, seed=seed, progress=False, scheduler=scheduler)
+def train_learned(scale: Scale, seed: int, changes: dict[str, Any], directory: Path) -> tuple[Any, dict, Any]:
+    """One run of the recipe (`metasolve.app.run.run`) in `directory`: its result, a run record,
+    and the meta-solver with the supervised start's weights (None if there was none)."""
+    import copy
+
+    config = learner_config(scale, seed, changes)
     begin, cpu = time.perf_counter(), time.process_time()
-    history = trainer.fit(train_tasks, scale.steps, scale.batch_size)
-    record = {"seed": seed, "solves": blackbox.stats.solves, "sweeps": blackbox.stats.solves * scale.proxy_max_it,
-              "failed_solves": blackbox.stats.failed_centres + blackbox.stats.failed_queries,
-              "seconds": time.perf_counter() - begin, "cpu_seconds": time.process_time() - cpu, "history": history}
-    return trainer, record
+    result = run_config(config, directory, overwrite=True, quiet=True)
+    seconds, cpu_seconds = time.perf_counter() - begin, time.process_time() - cpu
+    history = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    stats = result.experiment.blackbox.stats
+    max_it = config["cost"]["max_it"]
+    record = {"seed": seed, "changes": changes, "solves": stats.solves, "sweeps": stats.solves * max_it,
+              "failed_solves": stats.failed_centres + stats.failed_queries, "kept": result.kept,
+              "seconds": seconds, "cpu_seconds": cpu_seconds, "history": history,
+              "features": result.experiment.config["problem"]["features"]}
+    pretrained = None
+    if (directory / "pretrained.pt").exists():
+        pretrained = copy.deepcopy(result.experiment.meta_solver)
+        pretrained.load_state_dict(torch.load(directory / "pretrained.pt", weights_only=True)["pretrained"])
+    return result, record, pretrained
 
 
-def predict_timed(predictor: Predictor, tasks: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
+def predict_timed(predictor: Any, tasks: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
     """Predicted ω per task and the seconds each prediction took (part of the learned time to solution)."""
     omegas, seconds = [], []
     for task in tasks:
@@ -283,27 +280,6 @@ def measure(oracle: KSPOracle, tasks: Sequence[Any], omegas: dict[str, np.ndarra
     return result
 
 
-def golden_section(objective: Callable[[float], float], lo: float, hi: float, evaluations: int) -> tuple[float, list]:
-    """Minimise a unimodal function of one variable with exactly `evaluations` calls (>= 2)."""
-    ratio = (math.sqrt(5.0) - 1.0) / 2.0
-    a, b = lo, hi
-    c, d = b - ratio * (b - a), a + ratio * (b - a)
-    fc, fd = objective(c), objective(d)
-    seen = [(c, fc), (d, fd)]
-    for _ in range(evaluations - 2):
-        if fc <= fd:
-            b, d, fd = d, c, fc
-            c = b - ratio * (b - a)
-            fc = objective(c)
-            seen.append((c, fc))
-        else:
-            a, c, fc = c, d, fd
-            d = a + ratio * (b - a)
-            fd = objective(d)
-            seen.append((d, fd))
-    return min(seen, key=lambda point: point[1])[0], seen
-
-
 def best_constant(train_tasks: list, budget: int, evaluations: int) -> dict:
     """Golden-section search of the total iterations to rtol over a subset of the training tasks,
     spending at most `budget` solves: as many tasks per evaluation as `evaluations` allow."""
@@ -319,7 +295,7 @@ def best_constant(train_tasks: list, budget: int, evaluations: int) -> dict:
         return float(sum(values))
 
     begin = time.perf_counter()
-    omega, seen = golden_section(total_iterations, OMEGA.lo, OMEGA.hi, evaluations)
+    omega, _, seen = golden_section(total_iterations, OMEGA.lo, OMEGA.hi, evaluations)
     return {"omega": omega, "tasks": count, "evaluations": len(seen), "solves": count * len(seen),
             "sweeps": float(sum(sweeps)), "seconds": time.perf_counter() - begin}
 
@@ -415,10 +391,16 @@ def _run(out: Path, scale: Scale, quick: bool) -> dict:
     build_seconds = time.perf_counter() - feature_begin
     oracle = make_oracle()
 
-    trainers, records = {}, {}
-    for name, learner in LEARNERS.items():
-        for seed in seeds_of(name, scale):
-            trainers[name, seed], records[name, seed] = train_learned(train_tasks, scale, seed, learner)
+    results, records, pretrained = {}, {}, {}
+    with tempfile.TemporaryDirectory(prefix="options-runs-") as runs:
+        for name, changes in LEARNERS.items():
+            for seed in seeds_of(name, scale):
+                directory = Path(runs) / f"{len(results)}-seed{seed}"
+                results[name, seed], records[name, seed], pretrained[name, seed] = train_learned(
+                    scale, seed, changes, directory)
+                run_tasks = [t.name for t in results[name, seed].experiment.eval_tasks]
+                if run_tasks != [t.name for t in eval_tasks]:
+                    raise RuntimeError(f"{name}: the run evaluated on other tasks than this section ({run_tasks[:2]}...)")
     budget = records[next(iter(LEARNERS)), scale.seeds[0]]["solves"]
     search = best_constant(train_tasks, budget, scale.golden_evaluations)
     tuned = optuna_constant(train_tasks, budget, scale.optuna_trials)
@@ -435,8 +417,13 @@ def _run(out: Path, scale: Scale, quick: bool) -> dict:
     features_cost = feature_seconds(eval_tasks)
     textbook = np.array([float(t.features[OMEGA_STAR]) for t in eval_tasks])
     learned_omegas, inference = {}, {}
-    for (name, seed), trainer in trainers.items():
-        learned_omegas[name, seed], inference[name, seed] = predict_timed(trainer.meta_solver, eval_tasks)
+    for (name, seed), result in results.items():
+        learned_omegas[name, seed], inference[name, seed] = predict_timed(result.experiment.meta_solver,
+                                                                          result.experiment.eval_tasks)
+    main = next(iter(LEARNERS))
+    for seed in scale.seeds:
+        learned_omegas[SUPERVISED, seed], inference[SUPERVISED, seed] = predict_timed(
+            pretrained[main, seed], results[main, seed].experiment.eval_tasks)
     golden_name, optuna_name = "best constant (golden section, equal solves)", "best constant (Optuna TPE, equal solves)"
     textbook_name = "textbook ω* (ρ_J from operator features)"
     baselines = {
@@ -454,7 +441,8 @@ def _run(out: Path, scale: Scale, quick: bool) -> dict:
     extra = {"nearest neighbour (operator features, equal solves)": features_cost + neighbour["seconds"],
              textbook_name: features_cost}
     for (name, seed) in learned_omegas:
-        extra[f"{name} / seed {seed}"] = inference[name, seed] + (features_cost if LEARNERS[name]["columns"] == "operator" else 0.0)
+        operator = records[main if name == SUPERVISED else name, seed]["features"] == "operator"
+        extra[f"{name} / seed {seed}"] = inference[name, seed] + (features_cost if operator else 0.0)
     for key, seconds in extra.items():
         measured[key]["seconds"] = list(np.add(measured[key]["seconds"], seconds))
 
@@ -470,18 +458,18 @@ def _run(out: Path, scale: Scale, quick: bool) -> dict:
     omega_text = {"default ω = 1": "1", golden_name: f"{search['omega']:.4f}", optuna_name: f"{tuned['omega']:.4f}",
                   "best constant in hindsight (eval tasks)": f"{hindsight:.3f}"}
     methods = {name: {"omega": omega_text.get(name, span(values)), **collect([name])} for name, values in baselines.items()}
-    for name in LEARNERS:
-        all_omegas = np.concatenate([learned_omegas[name, s] for s in seeds_of(name, scale)])
-        methods[name] = {"omega": span(all_omegas), **collect([f"{name} / seed {s}" for s in seeds_of(name, scale)])}
+    for name in [*LEARNERS, SUPERVISED]:
+        seeds = scale.seeds if name == SUPERVISED else seeds_of(name, scale)
+        all_omegas = np.concatenate([learned_omegas[name, s] for s in seeds])
+        methods[name] = {"omega": span(all_omegas), **collect([f"{name} / seed {s}" for s in seeds])}
     constant_total = float(np.median(methods[optuna_name]["totals"]))
     optimum_total = float(np.median(methods["per-instance optimum (grid)"]["totals"]))
     golden_total = float(np.median(methods[golden_name]["totals"]))
     order = ["default ω = 1", golden_name, optuna_name, "best constant in hindsight (eval tasks)",
-             "nearest neighbour (operator features, equal solves)", *LEARNERS, textbook_name,
+             "nearest neighbour (operator features, equal solves)", *LEARNERS, SUPERVISED, textbook_name,
              "textbook ω* (exact ρ_J, ARPACK)", "per-instance optimum (grid)"]
     rows = _summary_rows({name: methods[name] for name in order}, constant_total, optimum_total)
 
-    main = next(iter(LEARNERS))
     main_totals = methods[main]["totals"]
     median_seed = scale.seeds[int(np.argsort(main_totals)[len(scale.seeds) // 2])]
     optimal_its = np.array(measured["per-instance optimum (grid)"]["iterations"])
@@ -503,6 +491,7 @@ def _run(out: Path, scale: Scale, quick: bool) -> dict:
     goal_gap = "met" if learned_row["gap closed"] >= 0.9 else "not met"
     goal_textbook = "met" if learned_row["total iterations (median)"] < textbook_row["total iterations (median)"] else "not met"
     record = records[main, scale.seeds[0]]
+    kept_text = ", ".join(f"{name} / seed {seed}: {r['kept']}" for (name, seed), r in records.items())
     one_solve_flops = float(np.median([solve_flops(t, w) for t, w in zip(eval_tasks, optimum)]))
     one_feature_flops = float(np.median([feature_flops(t) for t in eval_tasks]))
     solve_seconds = float(np.median(measured["per-instance optimum (grid)"]["seconds"]))
@@ -511,13 +500,18 @@ def _run(out: Path, scale: Scale, quick: bool) -> dict:
         f"{family.family.describe()}",
         "",
         f"Solver: Richardson + forward SOR (`-pc_sor_forward`), iterations to rtol {RTOL:g} from a zero guess on "
-        f"{len(eval_tasks)} unseen tasks. Learned: MetaSolver({scale.hidden}x{scale.depth}) -> Interval(1, 2), "
-        f"{len(train_tasks)} training tasks, {scale.steps} steps x batch {scale.batch_size}, Adam lr {scale.lr:g} "
-        f"with cosine decay, cost IterationProxy({RTOL:g}, max_it={scale.proxy_max_it}), "
-        f"ControlVariate(ForwardGradient(1 tangent, eps {scale.eps:g}), Surrogate MLP); seeds {list(scale.seeds)} for "
-        f"the main learner, seed {scale.seeds[0]} for the ablations. "
-        f"One training run: {budget} solves ({record['sweeps']:.3g} SOR sweeps), {record['seconds']:.0f} s wall "
-        f"(under load), {sum(r['failed_solves'] for r in records.values())} failed solves over all runs.",
+        f"{len(eval_tasks)} unseen tasks. Learned: `{EXAMPLE.relative_to(EXAMPLE.parent.parent)}` run through "
+        f"`metasolve.app.run.run` (the recipe of `metasolve train`) with `problem.train_tasks = {len(train_tasks)}`, "
+        f"`train.steps = {scale.steps}`, `train.batch_size = {scale.batch_size}`, `train.lr = {scale.lr:g}`, "
+        f"`pretrain.tasks = {scale.pretrain_tasks}`, `pretrain.search_solves = {scale.search_solves}`; the main "
+        f"learner adds `model.anchor = {{pc_sor_omega = \"sor_omega_star\"}}`, the family-features ablation "
+        f"`problem.features = \"family\"`. Seeds {list(scale.seeds)} for the main learner, seed {scale.seeds[0]} "
+        f"for the ablations; weights kept by the run's keep-better: "
+        f"{kept_text}. "
+        f"One training run of the main learner: {budget} solves including the supervised start's "
+        f"{scale.pretrain_tasks} x {scale.search_solves} ({record['sweeps']:.3g} SOR sweeps at most), "
+        f"{record['seconds']:.0f} s wall (under load, evaluation included), "
+        f"{sum(r['failed_solves'] for r in records.values())} failed solves over all runs.",
         f"Operator features: {len(OPERATOR_FEATURE_NAMES)} numbers from (A, b) (`solvers.features`), "
         f"{1e3 * float(np.median(features_cost)):.2f} ms per task (median; one solve at the optimal ω: "
         f"{1e3 * solve_seconds:.2f} ms), {one_feature_flops:.3g} flops vs {one_solve_flops:.3g} for that solve "
@@ -539,7 +533,9 @@ def _run(out: Path, scale: Scale, quick: bool) -> dict:
         f"{(golden_total - learned_row['total iterations (median)']) / (golden_total - optimum_total):.0%} of the gap "
         f"({golden_total:.0f} -> {optimum_total:.0f}). Learned ω vs optimal: mean |error| {errors.mean():.4f}, "
         f"mean bias {bias:+.4f}; textbook ω* (features) vs optimal: mean |error| {np.abs(textbook_errors).mean():.4f}, "
-        f"mean bias {textbook_errors.mean():+.4f}; textbook on exact ρ_J: mean bias {np.mean(exact_young - optimum):+.4f}.",
+        f"mean bias {textbook_errors.mean():+.4f}; textbook on exact ρ_J: mean bias {np.mean(exact_young - optimum):+.4f}. "
+        f"The supervised start alone (per-task search + regression, {scale.pretrain_tasks * scale.search_solves} "
+        f"solves) closes {by_method[SUPERVISED]['gap closed']:.0%} of the gap.",
         "",
         f"Time to solution (setup + solve, median of {scale.timing_repeats} runs in rotated order after an untimed "
         f"warm-up solve per task, under load; feature-based rows include the features and the prediction, "

@@ -3,6 +3,9 @@
 Both sides build a fresh KSP, set it up and solve from a zero guess to rtol 1e-6, alternating
 call by call so machine noise hits both equally; the ratio of medians is the oracle's overhead
 (options bookkeeping, the unused-option check, the residual history, the Outcome).
+
+Timing of machinery: it calls the oracle, one of the library's internals, directly; it trains
+nothing (`tests/test_benchmarks_measure_product.py`).
 """
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from metasolve.report import markdown_table
+from metasolve.app.report import markdown_table
 from problems import Poisson2D
 from solvers import KSPOracle, PETSc
 

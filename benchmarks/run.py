@@ -3,11 +3,13 @@
 Every section compares methods side by side in one run (ratios, medians over seeds), because
 wall-clock numbers on shared machines drift between runs.
 
-A repository command (`make bench`, `metasolve bench` in a clone): the benchmarks and their
-results live in the repository, not in the installed package, and `metasolve bench` says so when
-run from a wheel. A section that trains a predictor should build it from a config with
-`metasolve.experiment.build_experiment` (scaled with `metasolve.config.override`), the same
-path as `metasolve train`, so a benchmark measures what a config runs.
+A repository command (`python -m benchmarks`, `make bench`): the benchmarks and their results
+live in the repository, not in the installed package, and the package never imports them. A
+section that trains a predictor starts from a shipped config (`examples/*.toml`,
+`metasolve/app/demo.toml`), changed with `metasolve.app.config.override`, and trains it with
+`metasolve.app.run.run`, the recipe `metasolve train` runs, so a benchmark measures what a config
+runs; only the estimator-science and timing-of-machinery sections assemble the library's
+internals (`tests/test_benchmarks_measure_product.py` holds the list and enforces it).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SECTIONS = ["overhead", "estimators", "estimator_training", "initial_guess", "newton", "options", "survey", "mpi_throughput", "scaling_model", "isolation", "wall_model", "executable", "heat_stepper", "discrete"]
+SECTIONS = ["overhead", "estimators", "estimator_training", "initial_guess", "newton", "options", "survey", "mpi_throughput", "scaling_model", "isolation", "wall_model", "executable", "heat_stepper", "discrete", "tutorials", "scale"]
 
 
 def run_benchmarks(only: list[str] | None = None, quick: bool = False, out: Path = RESULTS) -> dict:
@@ -44,7 +46,7 @@ def run_benchmarks(only: list[str] | None = None, quick: bool = False, out: Path
 
 def _write_index(out: Path) -> None:
     """README.md gathering every section's latest result, whichever run produced it."""
-    parts = ["# metasolve benchmark results\n", "Written by `make bench` (`metasolve bench`); each section "
+    parts = ["# metasolve benchmark results\n", "Written by `make bench` (`python -m benchmarks`); each section "
              "is the latest run of it, with its wall time in `<section>.json`.\n"]
     for name in SECTIONS:
         page = out / f"{name}.md"

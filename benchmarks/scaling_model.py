@@ -29,7 +29,7 @@ per-row part of W by P — every rank still
 pays the per-pass overhead w0 (measured here: on 2 ranks a 64-row chunk costs most of what the
 128-row pass did, so the split does not pay at this size) — and adds, per optimizer step of the surrogate,
 two allreduces of its N_s int64 gradient words (exponent maxima, then fixed-point sums;
-`metasolve.exact_sum`), 2·[2α⌈log2 P⌉ + 2β(P−1)/P·8·N_s], and one all-gather of the B·d
+`metasolve.method.exact_sum`), 2·[2α⌈log2 P⌉ + 2β(P−1)/P·8·N_s], and one all-gather of the B·d
 gradient rows, α⌈log2 P⌉ + β(P−1)/P·8·B·d. The rest stays repeated.
 Weak-scaling efficiency is E(P) = T(1, b) / T(P, P·b); with the split it can exceed 1, because the
 update's fixed cost (a minibatch of m rows whatever b) is then shared by the P ranks.
@@ -41,6 +41,9 @@ memory, not InfiniBand); compute slows by P/capacity beyond one rank (capacity =
 2-rank ceiling for pure solves), which covers the oversubscribed 4 ranks only roughly. Not
 modelled: rank-to-rank speed differences on a cluster, node memory-bandwidth contention (here
 2 ranks on 2 cores reached 1.87x, i.e. 6.5% per-core loss), OS noise, stale cost estimates.
+
+Timing of machinery: it builds experiments and steps their trainers (the library's internals)
+to time the parts of a step (`tests/test_benchmarks_measure_product.py`).
 """
 from __future__ import annotations
 
@@ -57,10 +60,10 @@ import torch
 
 from benchmarks import mpi_throughput
 from benchmarks.mpi_step import finish, instrument
-from metasolve.config import override, parse_config
-from metasolve.experiment import build_experiment
-from metasolve.parallel import SerialExecutor, block, longest_first
-from metasolve.report import markdown_table
+from metasolve.app.config import override, parse_config
+from metasolve.app.experiment import build_experiment
+from metasolve.training.parallel import SerialExecutor, block, longest_first
+from metasolve.app.report import markdown_table
 
 ALPHA = 2e-6          # s per message, EDR InfiniBand MPI latency with software overhead
 BETA = 1.0 / 10e9     # s per byte, EDR InfiniBand (~12 GB/s measured by OSU; rounded down)
@@ -70,10 +73,10 @@ EFFICIENCY_BATCHES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 """Batch sizes per rank in the efficiency table."""
 
 def demo_config(tasks: int) -> dict:
-    """The job `make demo` runs (`metasolve/demo.toml`: Bratu, SNES Newton, learned initial guess,
-    batch 8), with `tasks` training tasks."""
-    text = resources.files("metasolve").joinpath("demo.toml").read_text()
-    return override(parse_config(text, "metasolve/demo.toml"), {"problem.train_tasks": tasks, "train.steps": 1})
+    """The job `make demo` runs (`metasolve/app/demo.toml`: Bratu, SNES Newton, learned initial
+    guess, batch 8), with `tasks` training tasks."""
+    text = resources.files("metasolve.app").joinpath("demo.toml").read_text()
+    return override(parse_config(text, "metasolve/app/demo.toml"), {"problem.train_tasks": tasks, "train.steps": 1})
 
 
 def heterogeneous_config(tasks: int) -> dict:

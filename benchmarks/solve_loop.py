@@ -1,5 +1,8 @@
 """Under mpiexec: every rank runs the same fixed PETSc solve loop and rank 0 prints the slowest
-rank's wall time — the machine's own parallel capacity for this work, with no communication."""
+rank's wall time — the machine's own parallel capacity for this work, with no communication.
+
+Timing of machinery: the oracle (one of the library's internals) in a bare loop; it trains nothing.
+"""
 import time
 
 from problems import Poisson2D

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from metasolve.report import markdown_table
+from metasolve.app.report import markdown_table
 from problems.anisotropic import RotatedAnisotropic
 from problems.contrast import HighContrast
 from solvers import KSPOracle, PETSc

@@ -1,7 +1,7 @@
 """A neural wall model trained through a PETSc SNES channel-flow solve against DNS, then checked on DNS.
 
-Runs `metasolve train examples/wall_model.toml` (the same code path: checkpoints, metrics,
-report, MPI), then solves every DNS case (Hoyas & Jiménez, Re_τ 186/547/2004) at its own bulk
+Runs the config through the run layer (`metasolve.app.run.run`, what `metasolve train
+examples/wall_model.toml` runs: checkpoints, metrics, report, MPI), then solves every DNS case (Hoyas & Jiménez, Re_τ 186/547/2004) at its own bulk
 Reynolds number on each coarse grid with the learned model and with the laws a user would try
 (log law, Spalding, Reichardt), next to the wall-resolved RANS, and prints the table: Re_τ error
 against DNS per grid, and the RMS of U⁺ against DNS in the log region. Cases marked "unseen" were
@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from metasolve.cli import train
-from metasolve.config import load_config
-from metasolve.report import markdown_table
-from problems.channel import dns_profiles
+from metasolve.app.config import load_config, override
+from metasolve.app.report import markdown_table
+from metasolve.app.run import run
+from problems.channel_dns import dns_profiles
 from problems.wall_model_validation import compare, error_summary, laws, table_rows
 
 CONFIG = Path(__file__).resolve().with_name("wall_model.toml")
@@ -41,8 +41,8 @@ def main() -> None:
     begin = time.perf_counter()
     config = load_config(arguments.config)
     if arguments.steps is not None:
-        config["train"]["steps"] = arguments.steps
-    experiment, _ = train(config, arguments.out, quiet=True, overwrite=True)
+        config = override(config, {"train.steps": arguments.steps}, str(arguments.config))
+    experiment = run(config, arguments.out, quiet=True, overwrite=True).experiment
     family = experiment.family
     theta = experiment.meta_solver.theta.detach().numpy().copy()
     grids = family.parameters["eval_grids"]

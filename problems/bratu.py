@@ -6,21 +6,19 @@ zero guess takes more steps, and fails, as λ approaches the fold: an initial gu
 
 Discretisation (ex5's): an n × n DMDA of vertices including the boundary, h = 1/(n − 1), rows
 F = 4u − Σ_neighbours u − h²λe^u inside and F = 4u on the boundary (so Dirichlet rows are as well
-scaled as the interior ones). The Jacobian is assembled exactly (5-point, diagonal 4 − h²λe^u);
-the linear solves are PETSc LU inside `newtonls` with backtracking line search — the solver a
-PETSc user runs on a problem this size. `-snes_grid_sequence k` works as in ex5: the DMDA is
-created k times coarser ((n − 1)/2^k + 1 points) and PETSc refines it, so the final grid is the
-same n × n.
+scaled as the interior ones). The Jacobian is assembled exactly (5-point, diagonal 4 − h²λe^u).
 
-Tolerance: every solve stops at ‖F‖ ≤ rtol·‖F(0)‖, the same absolute residual whatever the
-guess. PETSc's own relative test (‖F‖ ≤ rtol·‖F(u0)‖) would demand more of a better guess.
+This module is the physics only: `BratuProblem` hands F, ∂F/∂u and the grid to the generic DMDA
+Newton driver (`solvers.dmda_snes`), which PETSc options configure — by default LU inside
+`newtonls` with backtracking line search, the solver a PETSc user runs on a problem this size;
+`-snes_grid_sequence k` works as in ex5 (the DMDA is created k times coarser, (n − 1)/2^k + 1
+points, and PETSc refines it, so the final grid is the same n × n). Every solve stops at
+‖F‖ ≤ rtol·‖F(0)‖, the same absolute residual whatever the guess.
 """
 from __future__ import annotations
 
 import functools
-import math
-import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,8 +28,7 @@ import torch
 
 from problems.family import Family, check_count, check_range, format_distribution
 from solvers._petsc import PETSc
-from solvers.options import check_used, option_name, prefixed_options, unique_prefix
-from solvers.outcome import Outcome
+from solvers.dmda_snes import DMDAProblem, DMDASNESOracle, DMDASolve
 
 FOLD = 6.808124423
 """λ* of the continuous problem (the discrete fold at n = 25 lies within 0.2% of it)."""
@@ -108,141 +105,49 @@ def embed(interior: np.ndarray, n: int) -> np.ndarray:
     return u
 
 
-@dataclass
-class BratuSolve:
-    """One Newton solve: its Outcome and the Newton iterations on every grid level (coarse first)."""
+class BratuProblem(DMDAProblem):
+    """The Bratu residual, Jacobian and grid handed to the generic DMDA Newton driver
+    (`solvers.dmda_snes`): a guess sets the interior vertices, the tolerance refers to ‖F(0)‖."""
 
-    outcome: Outcome
-    level_iterations: list[int]
-    cpu_seconds: float = 0.0
-    """Process CPU time of SNESSolve: on a shared machine, the part of the wall time the solve
-    actually computed."""
+    def grid_shape(self, task: BratuTask) -> tuple[int, int]:
+        return (task.n, task.n)
+
+    def residual(self, task: BratuTask, u: np.ndarray) -> np.ndarray:
+        return residual(u, task.lam)
+
+    def jacobian(self, task: BratuTask, u: np.ndarray) -> sp.csr_matrix:
+        return jacobian(u, task.lam)
+
+    def reference_norm(self, task: BratuTask) -> float:
+        return task.reference_norm
+
+    def embed(self, task: BratuTask, guess: np.ndarray) -> np.ndarray:
+        return embed(guess, task.n)
+
+    def guess(self, task: BratuTask, u: np.ndarray) -> np.ndarray:
+        return np.asarray(u, dtype=np.float64)[1:-1, 1:-1].ravel().copy()
+
+    def guess_size(self, task: BratuTask) -> int:
+        return task.size
 
 
-class BratuOracle:
-    """PETSc SNES (newtonls + bt, LU) on the Bratu DMDA as a pure function of (task, setting).
+class BratuOracle(DMDASNESOracle):
+    """The family's solver: the generic DMDA Newton driver (newtonls + bt, LU) on `BratuProblem`.
 
-    A setting holds `u0` (interior values; absent = zero guess) and PETSc options, which go into
-    the database under a private prefix and are checked to have been read. `Outcome.residuals`
-    is ‖F‖ per Newton step on the final grid, `solution` the interior values, `flops` PETSc's flop
-    count of the solve (LU, vector work; not the Python residual/Jacobian callbacks).
+    A setting holds `u0` (interior values; absent = zero guess) and PETSc options; a cost's budget
+    reaches it as Newton tolerances (`budget_options`). `solve(task, setting)` also returns the
+    Newton iterations per grid level (`-snes_grid_sequence`) and the CPU time.
     """
 
-    return_solution = True
-    COST_BUDGET = frozenset({"ksp_max_it", "ksp_rtol", "ksp_atol"})
-    """The linear-solver budget a training or evaluation cost sends (`Cost.overrides`): a Newton
-    solve with LU has no such budget and stops at its own tolerance, so these keys are dropped."""
-
     def __init__(self, rtol: float = 1e-10, max_it: int = 50, options: Mapping[str, Any] | None = None) -> None:
-        if not 0 < rtol < 1 or max_it < 1:
-            raise ValueError(f"BratuOracle needs 0 < rtol < 1 and max_it >= 1, got {rtol}, {max_it}")
-        self.rtol, self.max_it = float(rtol), int(max_it)
-        self.options = {option_name(k): v for k, v in (options or {}).items()}
-        self.prefix = unique_prefix("bratu")
-
-    def __call__(self, task: BratuTask, setting: Mapping[str, Any] | None = None) -> Outcome:
-        return self.solve(task, setting or {}).outcome
-
-    def solve_many(self, task: BratuTask, settings: Sequence[Mapping[str, Any]]) -> list[Outcome]:
-        return [self(task, s) for s in settings]
-
-    def solve(self, task: BratuTask, setting: Mapping[str, Any]) -> BratuSolve:
-        options = dict(self.options)
-        u0 = None
-        for key, value in setting.items():
-            if key == "u0":
-                u0 = np.asarray(value, dtype=np.float64)
-                if u0.shape != (task.size,) or not np.all(np.isfinite(u0)):
-                    raise ValueError(f"u0 must be {task.size} finite interior values, got shape {u0.shape}")
-            elif option_name(key) not in self.COST_BUDGET:
-                options[option_name(key)] = value
-        levels = int(options.get("snes_grid_sequence", 0))
-        coarse = (task.n - 1) / 2 ** levels + 1
-        if levels and (coarse != int(coarse) or coarse < 3):
-            raise ValueError(f"snes_grid_sequence {levels} needs (n - 1)/2^{levels} + 1 to be an integer >= 3, "
-                             f"n = {task.n}")
-        if levels and u0 is not None:
-            raise ValueError("a guess u0 lives on the final grid; snes_grid_sequence starts on a coarser one")
-        with prefixed_options(self.prefix, options):
-            result = self._run(task, int(coarse), u0)
-            check_used(self.prefix, options, "the Bratu SNES (newtonls, LU)")
-        return result
-
-    def _run(self, task: BratuTask, m: int, u0: np.ndarray | None) -> BratuSolve:
-        begin = time.perf_counter()
-        da = PETSc.DMDA().create(dim=2, sizes=(m, m), dof=1, stencil_width=1,
-                                 stencil_type=PETSc.DMDA.StencilType.STAR, comm=PETSc.COMM_SELF)
-        snes = PETSc.SNES().create(comm=PETSc.COMM_SELF)
-        history: list[tuple[int, float]] = []
-        failure: list[str] = []
-        try:
-            snes.setDM(da)
-            snes.setFunction(self._function(task.lam, failure), da.createGlobalVec())
-            snes.setJacobian(self._jacobian(task.lam, failure))
-            snes.setType(PETSc.SNES.Type.NEWTONLS)
-            snes.getLineSearch().setType("bt")
-            snes.getKSP().setType(PETSc.KSP.Type.PREONLY)
-            snes.getKSP().getPC().setType(PETSc.PC.Type.LU)
-            snes.setTolerances(rtol=0.0, atol=self.rtol * task.reference_norm, stol=0.0, max_it=self.max_it)
-            snes.setMonitor(lambda s, its, norm: history.append((s.getDM().getSizes()[0], float(norm))))
-            snes.setOptionsPrefix(self.prefix)
-            snes.setFromOptions()
-            snes.setUp()  # matrices and the LU's symbolic setup: what a code solving many tasks keeps
-            x = da.createGlobalVec()
-            if u0 is None:
-                x.set(0.0)
-            else:
-                x.setArray(embed(u0, m).ravel())
-            setup_seconds = time.perf_counter() - begin
-            start, start_cpu, start_flops = time.perf_counter(), time.process_time(), PETSc.Log.getFlops()
-            try:
-                snes.solve(None, x)
-            except PETSc.Error as error:
-                message = failure[0] if failure else f"PETSc error in SNESSolve: {error}"
-                return BratuSolve(Outcome.failure(message, seconds=time.perf_counter() - start), [])
-            seconds, flops = time.perf_counter() - start, PETSc.Log.getFlops() - start_flops
-            cpu_seconds = time.process_time() - start_cpu
-            reason = int(snes.getConvergedReason())
-            final_grid = snes.getSolution().getSize() == task.n ** 2
-            solution = snes.getSolution().getArray().reshape(task.n, task.n)[1:-1, 1:-1].ravel().copy() \
-                if final_grid else None
-        finally:
-            snes.destroy()
-            da.destroy()
-        sizes = [size for size, _ in history]
-        level_iterations = [sizes.count(size) - 1 for size in dict.fromkeys(sizes)]
-        final = np.array([norm for size, norm in history if size == task.n])
-        error = failure[0] if failure else (None if reason > 0 else f"SNES did not converge (reason {reason})")
-        if error is None and solution is None:  # grid sequencing gave up on a coarser grid
-            error = f"SNES stopped on a coarser grid ({sizes[-1]} x {sizes[-1]}, reason {reason})"
-        outcome = Outcome(residuals=final, iterations=len(final) - 1, reason=reason, converged=error is None,
-                          seconds=seconds, solution=solution, error=error, setup_seconds=setup_seconds,
-                          hit_max_it=reason == PETSc.SNES.ConvergedReason.DIVERGED_MAX_IT, norm_type="function",
-                          flops=flops)
-        return BratuSolve(outcome, level_iterations, cpu_seconds)
-
-    @staticmethod
-    def _function(lam: float, failure: list[str]):
-        def evaluate(_snes: PETSc.SNES, x: PETSc.Vec, f: PETSc.Vec) -> None:
-            m = int(round(math.sqrt(x.getSize())))
-            value = residual(x.getArray(readonly=True).reshape(m, m), lam)
-            if not np.all(np.isfinite(value)) and not failure:
-                failure.append("the residual overflowed (e^u too large: Newton left the solution's basin)")
-            f.setArray(value.ravel())
-        return evaluate
-
-    @staticmethod
-    def _jacobian(lam: float, failure: list[str]):
-        def evaluate(_snes: PETSc.SNES, x: PETSc.Vec, _J: PETSc.Mat, P: PETSc.Mat) -> None:
-            m = int(round(math.sqrt(x.getSize())))
-            matrix = jacobian(x.getArray(readonly=True).reshape(m, m), lam)
-            P.zeroEntries()
-            P.setValuesCSR(matrix.indptr.astype(PETSc.IntType), matrix.indices.astype(PETSc.IntType), matrix.data)
-            P.assemble()
-        return evaluate
+        super().__init__(BratuProblem(), rtol=rtol, max_it=max_it, options=options)
 
     def __repr__(self) -> str:
         return f"BratuOracle(rtol={self.rtol}, max_it={self.max_it}, options={self.options})"
+
+
+BratuSolve = DMDASolve
+"""One Newton solve with its per-level iteration counts (the driver's `DMDASolve`)."""
 
 
 class Bratu(Family):
@@ -289,4 +194,4 @@ class Bratu(Family):
                          parameters={"lam": lam})
 
 
-__all__ = ["FOLD", "Bratu", "BratuOracle", "BratuSolve", "BratuTask", "embed", "jacobian", "residual"]
+__all__ = ["FOLD", "Bratu", "BratuOracle", "BratuProblem", "BratuSolve", "BratuTask", "embed", "jacobian", "residual"]

@@ -9,6 +9,21 @@ Train/evaluation split convention: training uses indices `range(0, count)`
 (`family.eval_tasks(count)`). The two ranges are disjoint for any training set smaller than
 `EVAL_OFFSET`, so evaluation tasks are never seen in training.
 
+A family of your own (a config's `[problem] family = "package.module:Class"`, importable from
+the working directory or the Python path) keeps this contract:
+- subclass `Family`; `__init__(self, seed=0, **params)` takes the config's `[problem.params]` as
+  keyword arguments (an unknown one is refused by name before anything runs) and calls
+  `super().__init__(seed, **params)`;
+- `_build(rng, index)` returns task `index` drawing every random number from `rng`: a `Task`
+  (a `LinearSystem` `A`, `b`, its `features` as a float64 tensor, optionally `x_ref`,
+  `grid_shape`, `name`) for the PETSc solvers, or a `ProgramTask` for `[solver] kind = "executable"`;
+- `feature_dim` is the length of every task's features (0 for none: then only operator
+  features, `[problem] features = "operator"`, which `metasolve predict` can compute from a
+  user's own matrix); `describe()` says in one paragraph what the tasks are; optionally
+  `feature_names` labels the features (a `[model] anchor` names one).
+`problems.program` (runs of a program) and `problems.recorded` (recorded systems) are two
+families built this way.
+
 The grid tools at the bottom are shared by the 2-D families: unknowns live on the interior
 vertices of a uniform n x n grid on the unit square (h = 1/(n+1), Dirichlet boundary), stored
 row-major with x fastest (index j*n + i), which is also PETSc DMDA's ordering.
@@ -88,6 +103,28 @@ class Family(ABC):
         count = check_count("evaluation task count", count, minimum=0)
         return self.tasks(range(EVAL_OFFSET, EVAL_OFFSET + count))
 
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        """One name per feature, in order: what `[model] anchor` refers to. Families whose
+        features have meaningful names override this."""
+        return tuple(f"{self.key}_feature_{i}" for i in range(self.feature_dim))
+
+    # Optional hooks, declared here with their defaults (the builder never probes for them):
+    def oracle(self) -> Any:
+        """The family's own solver (`[solver] kind = "family"`), or None: it brings none."""
+        return None
+
+    parameter_count: int = 0
+    """Model parameters a calibration (`[space.x] kind = "parameters"`) fits; 0 for none."""
+
+    def initial_parameters(self) -> Any:
+        """Starting values of those parameters (None: zeros)."""
+        return None
+
+    def linearised_correction(self) -> Any:
+        """(correction, inputs) for `[surrogate] kind = "family"`, or None: the family has none."""
+        return None
+
     def task_name(self, index: int, **details: Any) -> str:
         extra = "".join(f"-{k}{v}" for k, v in details.items())
         return f"{self.key}-s{self.seed}-i{index}{extra}"
@@ -136,6 +173,13 @@ class OperatorFeatures(Family):
     @property
     def _names(self) -> tuple[str, ...]:
         return STRUCTURAL_FEATURE_NAMES if self.kind == "structural" else OPERATOR_FEATURE_NAMES
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        return self._names + (self.family.feature_names if self.kind == "both" else ())
+
+    def oracle(self) -> Any:
+        return self.family.oracle()
 
     def describe(self) -> str:
         what = {"operator": "operator features", "structural": "structural operator features",

@@ -201,6 +201,11 @@ class LearnedWallModel:
         lib = torch if isinstance(re_y, torch.Tensor) else np
         return lib.stack([(lib.log(re_y) - 7.0) / 2.0, (lib.log(y_over_h) + 3.3) / 0.6, lib.log(growth) / 0.3], -1)
 
+    def features(self, x: np.ndarray) -> np.ndarray:
+        """[tanh(Wx + b), 1], [..., n_params]: c_θ(x) = features(x)·θ, linear in θ."""
+        hidden = np.tanh(np.asarray(x, dtype=np.float64) @ self.weights.T + self.bias)
+        return np.concatenate([hidden, np.ones_like(hidden[..., :1])], axis=-1)
+
     def correction(self, theta: Array, x: Array) -> Array:
         """c_θ(x) = w·tanh(Wx + b) + bias, on NumPy or torch alike."""
         if theta.shape[-1] != self.n_params:

@@ -15,10 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from problems.channel import (
-    WALL_MODEL_KEY, ChannelTask, DNSProfile, Profile, wall_modelled_oracle, wall_modelled_profile,
-    wall_resolved_reference,
-)
+from problems.channel_dns import DNSProfile
+from problems.channel_flow import Profile, wall_resolved_reference
+from problems.channel_task import WALL_MODEL_KEY, ChannelTask, wall_modelled_oracle, wall_modelled_profile
 from problems.wall_laws import LearnedWallModel, LogLaw, Reichardt, Spalding
 
 LOG_REGION = (30.0, 0.3)

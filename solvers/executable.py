@@ -15,7 +15,7 @@ program printed (`Outcome.solves`) and aggregates the ones selected (`select`):
 - `residuals`: their histories concatenated in print order (true residual norms, or SNES
   function norms). For a single solve this is exactly the solve's history, so every existing cost
   means what it meant; for a run, a cost that sums over the history (`IterationProxy`) sums over
-  every solve, and `metasolve.run_cost.RunIterationProxy` normalises each solve by its own initial
+  every solve, and `metasolve.method.run_cost.RunIterationProxy` normalises each solve by its own initial
   residual (PETSc's relative test), which is what a run of many right-hand sides needs;
 - `converged`/`reason`/`hit_max_it`: a run is converged when every selected solve converged and
   failed when any failed (its reason is the first failure's) unless `tolerate_failures=True`,
@@ -43,9 +43,11 @@ from typing import Any
 import numpy as np
 
 from solvers._petsc import PETSc
+from solvers.budget import Budget, linear_options, newton_options, reference_norm
 from solvers.linear_system import LinearSystem
 from solvers.monitor_parser import LinearSolve, NonlinearSolve, RunReport, Solve, UnreadableOutput, parse_run_output
 from solvers.options import command_line, option_name, split_setting
+from solvers.oracle import Oracle
 from solvers.outcome import Outcome
 from solvers.process_tree import (MARKER, Interrupted, deliver, kill_tree, new_marker, signals_blocked, start_ticks,
                                   stop_on_signals, wait)
@@ -131,7 +133,7 @@ def _lines(path: str) -> Iterator[str]:
             yield piece.rstrip("\n")
 
 
-class ExecutableOracle:
+class ExecutableOracle(Oracle):
     """Run `command` once per setting and read the run's Outcome from PETSc's own printout.
 
     `options` are PETSc options given on every run (e.g. `{"ksp_type": "cg", "ksp_rtol": 1e-6}`),
@@ -201,8 +203,13 @@ class ExecutableOracle:
         self.count = count
         self.tolerate_failures = bool(tolerate_failures)
 
-    def __call__(self, task: Any, setting: Mapping[str, Any] | None = None) -> Outcome:
-        return self.solve_many(task, [setting or {}])[0]
+    def budget_options(self, budget: Budget, task: Any) -> dict[str, Any]:
+        """The budget on the command line under the program's solver `prefix`: `-<prefix>ksp_*`
+        for the linear solves a run counts (`count="linear"`, every KSP under that prefix, those
+        inside Newton steps too), the Newton tolerances for `count="nonlinear"`."""
+        if self.count == "nonlinear":
+            return newton_options(budget, reference_norm(task))
+        return linear_options(budget)
 
     def solve_many(self, task: Any, settings: Sequence[Mapping[str, Any]]) -> list[Outcome]:
         """One run per setting; the task's files are written once for all of them.

@@ -9,9 +9,11 @@ the signal, a fresh worker is started for the next solve, and `crashes` counts i
 drops the failed solve from the gradient estimate and counts it, like any other failure.
 
 What crosses the pipe: the oracle's *recipe* once per worker (a picklable `factory`, e.g.
-`functools.partial(KSPOracle, ksp_type="cheby", pc_type="jacobi")`), each task once per worker
+`functools.partial(KSPOracle, ksp_type="cheby", pc_type="jacobi")`, building an `Oracle` or a bare
+`fn(task, setting)`), each task once per worker
 (SciPy/NumPy data; PETSc objects cached on a communicator stay behind and are rebuilt there),
-then per task the settings out and the Outcomes back. A Python exception inside the worker (a
+then per task the settings (and a cost's `Budget`, mapped by the worker's oracle) out and the
+Outcomes back. A Python exception inside the worker (a
 misspelt option: `ValueError`) is raised again in the caller: it is a mistake to fix, not a
 crash to survive.
 
@@ -42,6 +44,8 @@ from collections.abc import Callable, Mapping, Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
+from solvers.budget import Budget
+from solvers.oracle import Oracle, as_oracle
 from solvers.outcome import Outcome
 
 log = logging.getLogger(__name__)
@@ -58,7 +62,7 @@ class _WorkerLost(Exception):
     """The worker died or hung during a request; the message says how."""
 
 
-class IsolatedOracle:
+class IsolatedOracle(Oracle):
     """`factory()`'s oracle, run in a worker subprocess; crashes and hangs become failed Outcomes.
 
     `timeout` is seconds per solve: a request of k settings that gets no answer within
@@ -86,25 +90,29 @@ class IsolatedOracle:
         self._receive: Connection | None = None
         self._sent: OrderedDict[int, Any] = OrderedDict()  # id(task) -> task, mirrored by the worker
 
-    def __call__(self, task: Any, setting: Mapping[str, Any] | None = None) -> Outcome:
-        return self.solve_many(task, [setting or {}])[0]
-
     def solve_many(self, task: Any, settings: Sequence[Mapping[str, Any]]) -> list[Outcome]:
+        return self._solve(task, settings, None)
+
+    def solve_within(self, budget: Budget | None, task: Any, settings: Sequence[Mapping[str, Any]]) -> list[Outcome]:
+        """The budget travels with the settings: the worker's oracle knows its own options for it."""
+        return self._solve(task, settings, budget)
+
+    def _solve(self, task: Any, settings: Sequence[Mapping[str, Any]], budget: Budget | None) -> list[Outcome]:
         settings = [dict(s) for s in settings]
         try:
-            return self._request(task, settings)
+            return self._request(task, settings, budget)
         except _WorkerLost as lost:
             if len(settings) == 1:
                 return [Outcome.failure(str(lost))]
-        return [self._solve_alone(task, setting) for setting in settings]
+        return [self._solve_alone(task, setting, budget) for setting in settings]
 
-    def _solve_alone(self, task: Any, setting: dict) -> Outcome:
+    def _solve_alone(self, task: Any, setting: dict, budget: Budget | None) -> Outcome:
         try:
-            return self._request(task, [setting])[0]
+            return self._request(task, [setting], budget)[0]
         except _WorkerLost as lost:
             return Outcome.failure(str(lost))
 
-    def _request(self, task: Any, settings: list[dict]) -> list[Outcome]:
+    def _request(self, task: Any, settings: list[dict], budget: Budget | None) -> list[Outcome]:
         self._ensure_worker()
         key = id(task)
         forget, payload = [], None
@@ -116,7 +124,7 @@ class IsolatedOracle:
             while len(self._sent) > self.cache:
                 forget.append(self._sent.popitem(last=False)[0])
         try:
-            self._send.send((key, payload, forget, settings, self.return_solution))
+            self._send.send((key, payload, forget, settings, budget, self.return_solution))
         except (BrokenPipeError, OSError):
             raise self._lost("died before the solve") from None
         limit = self.timeout * len(settings)
@@ -266,7 +274,7 @@ def _serve(receive: Connection, send: Connection) -> None:
     import solvers._petsc  # noqa: F401  (PETSc installs its signal handlers here; reset below)
 
     try:
-        oracle = pickle.loads(receive.recv_bytes())()
+        oracle = as_oracle(pickle.loads(receive.recv_bytes())())
     except Exception as error:
         send.send(("raised", _picklable(error), traceback.format_exc()))
         return
@@ -276,7 +284,7 @@ def _serve(receive: Connection, send: Connection) -> None:
     tasks: dict[int, Any] = {}
     while True:
         try:
-            key, payload, forget, settings, return_solution = receive.recv()
+            key, payload, forget, settings, budget, return_solution = receive.recv()
         except EOFError:
             return
         if return_solution is not None:
@@ -286,11 +294,7 @@ def _serve(receive: Connection, send: Connection) -> None:
         if payload is not None:
             tasks[key] = pickle.loads(payload)
         try:
-            task = tasks[key]
-            if hasattr(oracle, "solve_many"):
-                reply = ("ok", oracle.solve_many(task, settings))
-            else:
-                reply = ("ok", [oracle(task, setting) for setting in settings])
+            reply = ("ok", oracle.solve_within(budget, tasks[key], settings))
         except Exception as error:
             reply = ("raised", _picklable(error), traceback.format_exc())
         send.send(reply)

@@ -14,8 +14,11 @@ from typing import Any
 import numpy as np
 
 from solvers._petsc import PETSc, stage
+from solvers.budget import Budget, linear_options
 from solvers.linear_system import LinearSystem, gather
-from solvers.options import check_used, libpetsc, prefixed_options, split_setting, unique_prefix, unused_options
+from solvers.options import (check_used, libpetsc, needs_monitor, prefixed_options, split_setting, unique_prefix,
+                             unused_options)
+from solvers.oracle import Oracle
 from solvers.outcome import Outcome
 
 logger = logging.getLogger(__name__)
@@ -51,12 +54,31 @@ def _no_output(*_: Any) -> None:
     """The monitor `keep_convergence_test` attaches: it only has to exist."""
 
 
+def warn_if_trapped(ksp: PETSc.KSP, options: Mapping[str, Any]) -> None:
+    """Warn loudly when a user's KSP is in the Richardson trap (`solvers.options.needs_monitor`).
+
+    The oracle's own solves attach a monitor (`keep_convergence_test`) and stop at the tolerance;
+    the user's KSP, solved as it stands, would run every one of its `max_it` sweeps and report
+    CONVERGED_ITS — so what training measured is not what the user's code will do.
+    """
+    configured = {**options, "ksp_type": ksp.getType(), "pc_type": ksp.getPC().getType()}
+    if ksp.getMonitor() or not needs_monitor(configured):
+        return
+    prefix = ksp.getOptionsPrefix() or ""
+    logger.warning(
+        "Richardson trap: this KSP is Richardson + %s with no monitor, so PETSc's fast %s path (rich.c) runs all "
+        "max_it = %d sweeps with no convergence test and reports CONVERGED_ITS, never stopping at rtol. The "
+        "oracle's solves attach a monitor and do stop there; to solve as trained, run your code with "
+        "-%sksp_monitor (or KSPMonitorSet) and make sure the deployed options file includes a monitor.",
+        ksp.getPC().getType(), ksp.getPC().getType(), ksp.getTolerances()[3], prefix)
+
+
 def norm_name(ksp: PETSc.KSP) -> str:
     """The KSP's residual norm as a word ("preconditioned", "unpreconditioned", ...)."""
     return _NORM_NAMES.get(ksp.getNormType(), str(ksp.getNormType()))
 
 
-class KSPOracle:
+class KSPOracle(Oracle):
     """PETSc KSP as a pure function of (task, setting).
 
     Every call builds a fresh KSP on `comm`, so nothing set for one solve reaches the next; the
@@ -125,12 +147,15 @@ class KSPOracle:
         rtol, atol, divtol, max_it = ksp.getTolerances()
         prefix = ksp.getOptionsPrefix() or ""
         options, dropped = {}, []
+        found = {}
         for key, value in PETSc.Options().getAll().items():
             if prefix and not key.startswith(prefix):
                 continue
             name = key[len(prefix):]
-            if not re.match(r"^[a-z][a-z0-9_]*$", name):
-                continue
+            if re.match(r"^[a-z][a-z0-9_]*$", name):
+                found[name] = value
+        warn_if_trapped(ksp, found)
+        for name, value in found.items():
             if _OUTPUT_ONLY.search(name):
                 dropped.append(name)
             else:
@@ -190,8 +215,10 @@ class KSPOracle:
             logger.warning("from_ksp cannot reproduce this KSP exactly; pass KSPOracle(ksp_factory=...) "
                            "that builds it from A. " + " ".join(f"[{p}]" for p in problems))
 
-    def __call__(self, task: LinearSystem, setting: Mapping[str, Any] | None = None) -> Outcome:
-        return self.solve_many(task, [setting or {}])[0]
+    def budget_options(self, budget: Budget, task: LinearSystem) -> dict[str, Any]:
+        """`ksp_rtol`/`ksp_atol`/`ksp_max_it`: KSPConvergedDefault divides by ‖b‖ (for a nonzero
+        guess too), the cost's reference norm, when the norm is the unpreconditioned one."""
+        return linear_options(budget)
 
     def solve_many(self, task: LinearSystem, settings: Sequence[Mapping[str, Any]]) -> list[Outcome]:
         """Solve `task` once per setting, setting up the preconditioner once per distinct options."""

@@ -172,6 +172,28 @@ def unused_options(prefix: str, names: list[str]) -> list[str]:
     return unused
 
 
+FAST_RICHARDSON_WITHOUT_TEST = frozenset({"sor"})
+"""Preconditioners whose fast Richardson path (`PCApplyRichardson`) applies `max_it` sweeps with no
+convergence test and reports CONVERGED_ITS: SOR's calls MatSOR with its · max_it sweeps (PETSc's
+sor.c). PCMG's and hypre's fast paths test their tolerance; the others have none."""
+
+
+def needs_monitor(options: Mapping[str, Any]) -> bool:
+    """Whether a KSP configured by `options` (names without the solver's prefix) falls into the
+    Richardson trap: Richardson with a preconditioner in `FAST_RICHARDSON_WITHOUT_TEST`, scale 1,
+    and no monitor. PETSc (rich.c) then takes the preconditioner's fast path, which runs all
+    `max_it` sweeps without ever testing the residual and reports CONVERGED_ITS; any monitor
+    (`-ksp_monitor`, or a program's `-ksp_monitor_true_residual`) switches that path off, so a
+    deployed options file for such a KSP must carry one."""
+    given = {option_name(k): format_value(v) for k, v in options.items()}
+    if given.get("ksp_type") != "richardson" or given.get("pc_type") not in FAST_RICHARDSON_WITHOUT_TEST:
+        return False
+    scale = given.get("ksp_richardson_scale")
+    if scale is not None and float(scale) != 1.0:
+        return False  # the fast path needs scale 1
+    return not any(name.startswith("ksp_monitor") and name != "ksp_monitor_cancel" for name in given)
+
+
 def check_used(prefix: str, names: Collection[str], solver: str) -> None:
     """Raise the one error training and deployment give for an option PETSc never read.
 

@@ -17,7 +17,9 @@ from typing import Any
 import numpy as np
 
 from solvers._petsc import PETSc, stage
+from solvers.budget import Budget, newton_options, reference_norm
 from solvers.options import check_used, prefixed_options, split_setting, unique_prefix
+from solvers.oracle import Oracle
 from solvers.outcome import Outcome
 
 Residual = Callable[[Any, Mapping[str, Any], np.ndarray], np.ndarray]
@@ -54,7 +56,7 @@ def forward_difference_jacobian(residual: Callable[[np.ndarray], np.ndarray], u:
     return ((values - f0[None, :]) / steps[:, None]).T
 
 
-class SNESOracle:
+class SNESOracle(Oracle):
     """PETSc SNES as a pure function of (task, setting).
 
     A setting holds three kinds of entries: `"u0"` (an initial guess; otherwise
@@ -110,8 +112,11 @@ class SNESOracle:
         self.warm_start = bool(warm_start)
         self.prefix = unique_prefix("snes")
 
-    def __call__(self, task: Any, setting: Mapping[str, Any] | None = None) -> Outcome:
-        return self._solve(task, setting or {}, None)
+    def budget_options(self, budget: Budget, task: Any) -> dict[str, Any]:
+        """The Newton tolerances (`solvers.budget.newton_options`): the Outcome's history is the
+        Newton residual, so that is what a cost's budget stops. The linear solves inside keep the
+        oracle's own configuration (LU by default)."""
+        return newton_options(budget, reference_norm(task))
 
     def solve_many(self, task: Any, settings: Sequence[Mapping[str, Any]]) -> list[Outcome]:
         """Solve `task` once per setting; later settings warm-start from the first's solution."""

@@ -32,9 +32,14 @@ def rosenbrock_grad(theta: torch.Tensor) -> torch.Tensor:
 
 
 def estimate(estimator, f, theta: torch.Tensor, seed: int = 0, tasks=None) -> torch.Tensor:
-    """One estimator round on f: plan queries, evaluate f everywhere, combine."""
+    """One estimator round on f, the whole lifecycle: plan queries, evaluate f everywhere, combine,
+    then learn from the round (`observe`, and its deferred work run here: `settle`)."""
     generator = torch.Generator().manual_seed(seed)
     tasks = tasks if tasks is not None else [None] * theta.shape[0]
     points = estimator.queries(theta, generator, tasks)
     values = torch.cat([f(theta)[:, None], f(points)], dim=1)
-    return estimator.gradient(theta, points, values, torch.ones(theta.shape[0], dtype=torch.float64), tasks)
+    upstream = torch.ones(theta.shape[0], dtype=torch.float64)
+    gradient = estimator.gradient(theta, points, values, upstream, tasks)
+    estimator.observe(theta, points, values, upstream, tasks)
+    estimator.settle()
+    return gradient

@@ -1,6 +1,7 @@
 """BlackBox on real PETSc solves: shapes, determinism, failure semantics."""
 from __future__ import annotations
 
+import copy
 import logging
 import math
 
@@ -8,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from metasolve import BlackBox, FiniteDifference, ForwardGradient, Interval, LogResidual, Space, Vector
+from metasolve import (BlackBox, ControlVariate, FiniteDifference, ForwardGradient, Interval, LogResidual,
+                       SerialExecutor, Space, Surrogate, Vector)
+from metasolve.method.blackbox import DEFERRED_KEY
 from solvers import KSPOracle, LinearSystem
 from tests.systems import laplacian_1d, poisson_1d
 
@@ -131,3 +134,63 @@ def test_unasked_query_points_are_not_solved():
 def test_bad_failure_mode_is_rejected():
     with pytest.raises(ValueError, match="failures"):
         BlackBox(KSPOracle(), Space({"x": Interval(0.0, 1.0)}), LogResidual(5), ForwardGradient(), failures="ignore")
+
+
+def test_solves_are_counted_by_purpose_after_their_round():
+    tasks = [poisson_1d(31, seed=s) for s in range(2)]
+    box = jacobi_box(ForwardGradient(tangents=1))
+    theta = torch.zeros(2, 4, dtype=torch.float64)
+    box(theta.clone().requires_grad_(True), tasks).sum().backward()
+    box.evaluate(theta, tasks)
+    box.evaluate(theta, tasks, purpose="diagnosis")
+    measured = box.diagnose(theta, tasks)
+    assert (box.stats.solves, box.stats.evaluation_solves, box.stats.diagnosis_solves) == (2 * 2, 2, 2 + 2)
+    assert [m.failed for m in measured] == [False, False]
+    assert [m.value for m in measured] == box.evaluate(theta, tasks).tolist()
+    with pytest.raises(ValueError, match="purpose"):
+        box.evaluate(theta, tasks, purpose="curiosity")
+    assert box.stats.evaluation_solves == 2 + 2
+
+
+class _Recording(SerialExecutor):
+    """The serial executor, keeping each round's keys (what the balanced MPI schedule sees)."""
+
+    def __init__(self) -> None:
+        self.rounds: list[list] = []
+
+    def map(self, fn, items, keys=None):
+        self.rounds.append(list(keys))
+        return super().map(fn, items, keys)
+
+
+def test_the_surrogate_learns_as_one_more_item_of_the_next_round():
+    """Backward only keeps the step's data; the next forward's round carries the surrogate update as
+    one more work item, and its result is the surrogate that learning in place gives."""
+    tasks = [poisson_1d(31, seed=s) for s in range(3)]
+    torch.manual_seed(0)
+    estimator = ControlVariate(ForwardGradient(tangents=2, eps=1e-4), Surrogate(Surrogate.mlp(0, 4, hidden=8), lr=1e-2))
+    box = jacobi_box(estimator)
+    box.executor = _Recording()
+    initial = copy.deepcopy(estimator.surrogate.net.state_dict())
+    theta = torch.full((3, 4), 0.1, dtype=torch.float64, requires_grad=True)
+    box(theta, tasks).sum().backward()
+    assert all(torch.equal(a, b) for a, b in zip(initial.values(), estimator.surrogate.net.state_dict().values()))
+    assert estimator.deferred() is not None and DEFERRED_KEY not in box.executor.rounds[0]
+    in_place = copy.deepcopy(estimator)
+    in_place.settle()
+    box(theta.detach().clone().requires_grad_(True), tasks)
+    assert box.executor.rounds[1][-1] == DEFERRED_KEY and len(box.executor.rounds[1]) == len(tasks) + 1
+    assert _same_weights(in_place.surrogate.net, estimator.surrogate.net)
+    assert not _same_weights(estimator.surrogate.net, _loaded(initial))
+    assert box.stats.solves == 2 * 3 * (1 + 2)  # the work item is not a solve
+
+
+def _loaded(state):
+    torch.manual_seed(0)
+    net = Surrogate.mlp(0, 4, hidden=8)
+    net.load_state_dict(state)
+    return net
+
+
+def _same_weights(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))

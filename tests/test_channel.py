@@ -9,15 +9,15 @@ import pytest
 import torch
 
 from metasolve import Space, Surrogate, Vector
-from metasolve.calibration import LinearisedResponse, LogError, RelativeError, SharedParameters
-from metasolve.config import load_config
-from metasolve.experiment import build_experiment
-from metasolve.parallel import SerialExecutor
+from metasolve.method.calibration import LinearisedResponse, LogError, RelativeError, SharedParameters
+from metasolve.app.config import load_config
+from metasolve.app.experiment import build_experiment
+from metasolve.training.parallel import SerialExecutor
 from problems import make_family
-from problems.channel import (
-    WALL_MODEL_KEY, ChannelFamily, ChannelTask, FrictionLaw, Grid, dns_case, dns_profiles, wall_modelled_oracle,
-    wall_resolved, wall_resolved_reference,
-)
+from problems.channel import ChannelFamily
+from problems.channel_dns import LAW_NOISE, FrictionLaw, dns_case, dns_profiles
+from problems.channel_flow import Grid, wall_resolved, wall_resolved_reference
+from problems.channel_task import RESPONSE_SOLVES, WALL_MODEL_KEY, ChannelTask, wall_modelled_oracle
 from problems.wall_laws import LearnedWallModel, LogLaw, Reichardt, Spalding
 
 RE_Y = np.logspace(-3, 9, 400)
@@ -130,8 +130,25 @@ def test_friction_law_fitted_to_two_dns_cases_predicts_the_third():
             tolerance = 0.006 if n == held_out else 1e-10
             assert law.re_b(p.re_tau) == pytest.approx(p.re_b, rel=tolerance)
             assert law.re_b(law.re_tau(p.re_b)) == pytest.approx(p.re_b, rel=1e-10)
-    with pytest.raises(ValueError, match="two or more"):
-        FrictionLaw.fit([cases[550]])
+    with pytest.raises(ValueError, match="at least one"):
+        FrictionLaw.fit([])
+
+
+def test_friction_law_uncertainty_is_the_noise_at_its_cases_and_grows_beyond_them():
+    """Least squares through two points: the predictive variance of U_b⁺ at either point is
+    noise²·(1/2 + (Δ/2)²/(Δ²/2)) = noise², so ln Re_τ there is known to noise/(U_b⁺ + 1/κ);
+    away from the points the variance grows quadratically in ln Re_τ. One case: κ is the prior's
+    and the law passes through the case."""
+    low, high = dns_case(550), dns_case(2000)
+    law = FrictionLaw.fit([low, high])
+    for case in (low, high):
+        expected = LAW_NOISE / (law.bulk_u_plus(case.re_tau) + 1 / law.kappa)
+        assert law.re_tau_sd(case.re_b) == pytest.approx(expected, rel=1e-6)
+    between, below = law.re_tau_sd(math.sqrt(low.re_b * high.re_b)), law.re_tau_sd(dns_case(180).re_b)
+    assert between < law.re_tau_sd(low.re_b) < below
+    single = FrictionLaw.fit([low], kappa_prior=(0.4, 0.01))
+    assert single.kappa == 0.4 and single.re_b(low.re_tau) == pytest.approx(low.re_b, rel=1e-12)
+    assert single.re_tau_sd(high.re_b) > single.re_tau_sd(low.re_b)
 
 
 def test_learned_model_at_zero_correction_reproduces_spalding_through_the_solver():
@@ -167,6 +184,12 @@ def test_grids_and_family_reject_bad_input():
         ChannelFamily(train_dns=(550, 999))
     with pytest.raises(ValueError, match="target"):
         make_family("channel", target="les")
+    with pytest.raises(ValueError, match="hidden"):
+        ChannelFamily(hidden=[4, 0])
+    with pytest.raises(ValueError, match="ridge"):
+        ChannelFamily(ridge=-1.0)
+    with pytest.raises(ValueError, match="no measured response"):
+        ChannelTask(re_b=20121, grid_name="u12").features
     with pytest.raises(ValueError, match="problem.train_tasks = 50"):
         ChannelFamily().train_tasks(64)
 
@@ -194,10 +217,13 @@ def test_toml_builds_the_wall_model_experiment():
     assert len(experiment.train_tasks) == 50 and len(experiment.eval_tasks) == 5
     assert {t.source for t in experiment.train_tasks} == {"DNS Re550", "DNS Re2000", "friction law"}
     assert {t.source for t in experiment.eval_tasks} == {"DNS Re180"}  # the held-out case never trains
-    assert experiment.blackbox.space.dim == experiment.family.wall_model.n_params == 17
+    family = experiment.family
+    assert experiment.blackbox.space.dim == family.wall_model.n_params == family.calibration.model.hidden + 1
+    assert family.calibration.model.hidden in (4, 8, 16) and set(family.calibration.held_out_thetas) == {"Re550", "Re2000"}
     assert isinstance(experiment.blackbox.estimator.surrogate.net, LinearisedResponse)
-    np.testing.assert_array_equal(experiment.meta_solver.theta.detach().numpy(),
-                                  experiment.family.wall_model.initial_parameters())
+    # training starts from the cross-validated fit; building measured each of the 55 tasks' responses once
+    np.testing.assert_array_equal(experiment.meta_solver.theta.detach().numpy(), family.calibration.theta)
+    assert family.response_solves == RESPONSE_SOLVES * (50 + 5)
 
 
 def test_linearised_surrogate_gradient_matches_the_solver_at_spalding():
@@ -216,7 +242,7 @@ def test_linearised_surrogate_gradient_matches_the_solver_at_spalding():
     for task in tasks:
         points = [theta0 + eps * e for e in torch.eye(len(theta0), dtype=torch.float64)]
         points += [theta0 - eps * e for e in torch.eye(len(theta0), dtype=torch.float64)]
-        values = [task.log_error(o) ** 2 for o in oracle.solve_many(task, [{WALL_MODEL_KEY: p.numpy()} for p in points])]
+        values = [LogError()(o, task) for o in oracle.solve_many(task, [{WALL_MODEL_KEY: p.numpy()} for p in points])]
         half = len(theta0)
         reference += torch.tensor([(values[i] - values[half + i]) / (2 * eps) for i in range(half)])
     assert float(torch.nn.functional.cosine_similarity(predicted, reference, dim=0)) > 0.999
@@ -230,7 +256,8 @@ def test_short_training_run_through_snes_lowers_the_dns_error(control_variate):
     (forward gradient) and 5.8e-5 (control variate), measured; a gradient estimate with a wrong
     sign or none at all cannot get below the start, so 0.7 of it separates working from broken."""
     config = load_config(CONFIG)
-    config["problem"]["params"].update(synthetic=2, grids=["u8", "u16"], hidden=4)
+    # a ridge far above the data's scale holds the starting fit at Spalding (|θ| ≤ |Aᵀw e₀|/(Nλ) ≈ 1e-6)
+    config["problem"]["params"].update(synthetic=2, grids=["u8", "u16"], hidden=4, ridge=1e2)
     config["problem"].update(train_tasks=8, eval_tasks=2)
     config["estimator"].update(kind="control_variate" if control_variate else "forward", tangents=2)
     config["train"].update(steps=12, batch_size=4, lr=1e-2, schedule="constant")
@@ -247,3 +274,130 @@ def test_short_training_run_through_snes_lowers_the_dns_error(control_variate):
 
 def test_reference_is_cached_per_reynolds_number():
     assert wall_resolved_reference(9000.0) is ChannelTask(re_b=9000, grid_name="u8").reference
+
+
+@pytest.fixture(scope="module")
+def three_case_family():
+    """Every shipped DNS case in training, two grids, small candidate lists (fixed seed)."""
+    return ChannelFamily(seed=0, train_dns=(180, 550, 2000), eval_dns=(550,), grids=("u8", "u16"), synthetic=3,
+                         hidden=[2, 4], ridge=[1e-6, 1e-4])
+
+
+def _pieces(family):
+    """The calibration's inputs, rebuilt from the family's tasks: DNS tasks per case, synthetic conditions."""
+    dns = {case.nominal: [t for t in family.train_tasks(len(family._train)) if t.source == f"DNS Re{case.nominal}"]
+           for case in family.train_cases}
+    synthetic = [t for t in family.train_tasks(len(family._train)) if t.source == "friction law"]
+    return dns, synthetic
+
+
+def test_ridge_fit_is_the_stationary_point_of_the_surrogates_training_cost(three_case_family):
+    """The closed-form fit and the control variate's surrogate describe the same cost: at the
+    ridge solution the gradient of the surrogate's mean weighted cost is −2λθ exactly (the
+    objective's stationarity), to round-off in the normal equations."""
+    family = three_case_family
+    calibration, tasks = family.calibration, family.train_tasks(len(family._train))
+    features = torch.stack([t.features for t in tasks])
+    theta = torch.tensor(calibration.theta).expand(len(tasks), -1)
+    surrogate = Surrogate(LinearisedResponse(*family.linearised_correction()), steps=0)
+    gradient = surrogate.gradient(features, theta).mean(0).numpy()
+    np.testing.assert_allclose(gradient, -2 * calibration.ridge * calibration.theta,
+                               atol=1e-9 * float(np.abs(gradient).max() + calibration.ridge))
+
+
+def test_ridge_fit_recovers_a_model_that_explains_its_targets_and_shrinks_to_spalding(three_case_family):
+    from problems.channel_calibration import linearised_log_re_tau, ridge_fit
+    family = three_case_family
+    model = family.calibration.model
+    tasks = family.train_tasks(len(family._train))
+    planted = np.random.default_rng(1).normal(scale=0.02, size=model.n_params)
+    exact = [t.retargeted(math.exp(v), "planted") for t, v in zip(tasks, linearised_log_re_tau(model, planted, tasks))]
+    # targets a θ explains exactly: an almost unregularised fit reproduces them (to the ridge's 1e-12 pull)
+    fitted = ridge_fit(model, exact, 1e-12)
+    np.testing.assert_allclose(linearised_log_re_tau(model, fitted, exact), np.log([t.target for t in exact]), atol=1e-8)
+    # a ridge λ bounds |θ| by |Aᵀ W e₀|/(N λ): (G + λI)⁻¹ has norm ≤ 1/λ for G ⪰ 0
+    big = 1e3
+    from problems.channel_calibration import _design
+    design, error, weight = _design(model, tasks)
+    bound = np.linalg.norm(design.T @ (weight * error)) / (len(tasks) * big)
+    assert np.linalg.norm(ridge_fit(model, tasks, big)) <= bound * (1 + 1e-12)
+
+
+def test_cross_validation_holds_each_case_out_and_keeps_the_best_candidate(three_case_family):
+    """Each leave-one-out θ is the fit without that case (its friction law refitted without
+    it); each candidate's score is the RMS over the held-out cases' tasks; the chosen one has
+    the lowest score; the final θ is the fit on every case."""
+    from problems.channel_calibration import linearised_log_re_tau, ridge_fit, training_set
+    family = three_case_family
+    calibration = family.calibration
+    dns, _ = _pieces(family)
+    synthetic = [t for t in family.train_tasks(len(family._train)) if t.source == "friction law"]
+    assert len(calibration.scores) == 4 and set(calibration.held_out_thetas) == {"Re180", "Re550", "Re2000"}
+    best = min(calibration.scores, key=lambda s: s["held_out_rms"])
+    assert (calibration.model.hidden, calibration.ridge) == (best["hidden"], best["ridge"])
+    errors = []
+    for case in family.train_cases:
+        rest = [c for c in family.train_cases if c is not case]
+        tasks, law = training_set("friction_law", rest, dns, synthetic)
+        assert law.kappa == FrictionLaw.fit(rest).kappa and len(tasks) == 2 * 2 + 3 * 2
+        theta = ridge_fit(calibration.model, tasks, calibration.ridge)
+        np.testing.assert_allclose(calibration.held_out_thetas[f"Re{case.nominal}"], theta, rtol=1e-12, atol=1e-15)
+        truth = dns[case.nominal]
+        errors += list(linearised_log_re_tau(calibration.model, theta, truth) - np.log([t.target for t in truth]))
+    assert best["held_out_rms"] == pytest.approx(float(np.sqrt(np.mean(np.square(errors)))), rel=1e-12)
+    full, _ = training_set("friction_law", family.train_cases, dns, synthetic)
+    np.testing.assert_allclose(calibration.theta, ridge_fit(calibration.model, full, calibration.ridge), rtol=1e-12)
+
+
+def test_friction_law_targets_count_less_where_the_law_extrapolates(three_case_family):
+    """A synthetic target's weight is σ²/(σ² + sd_law²) < 1, and sd_law is smallest between
+    the cases: the flow rate nearest the middle weighs most, the extremes least."""
+    _, synthetic = _pieces(three_case_family)
+    weights = {t.re_b: t.weight for t in synthetic}
+    assert all(0 < w < 1 for w in weights.values())
+    low, middle, high = sorted(weights)
+    assert weights[middle] > weights[low] and weights[middle] > weights[high]
+
+
+def test_prediction_band_holds_every_leave_one_out_fit_and_the_calibrated_solve_matches_it(three_case_family):
+    """The band contains each leave-one-case-out fit's prediction (its half-width is at least
+    their largest departure). Through the real SNES solve the calibrated model reproduces its
+    linearised prediction to second order in the correction: |Δ ln Re_τ| ≤ max c² (the
+    response's curvature in c is O(1): ∂² ln Re_τ/∂c² ≈ s(1 − s) with 0 < s < 1)."""
+    from problems.channel_calibration import linearised_log_re_tau
+    family = three_case_family
+    calibration, tasks = family.calibration, family.eval_tasks(2)
+    bands = calibration.predict(tasks)
+    for theta in calibration.held_out_thetas.values():
+        for band, value in zip(bands, np.exp(linearised_log_re_tau(calibration.model, theta, tasks))):
+            assert band["lo"] * (1 - 1e-12) <= value <= band["hi"] * (1 + 1e-12)
+    oracle = family.oracle()
+    corrections = calibration.model.correction(calibration.theta, np.stack([t.inputs for t in tasks]))
+    for task, band, c in zip(tasks, bands, corrections):
+        solved = task.log_error(oracle(task, {WALL_MODEL_KEY: calibration.theta})) + math.log(task.target)
+        assert abs(solved - math.log(band["re_tau"])) <= max(float(np.max(corrections**2)), 1e-10)
+
+
+def test_weighted_log_error_scales_the_training_cost_only():
+    task = ChannelTask(re_b=20121, grid_name="u12", target_re_tau=540.0, weight=0.25)
+    outcome = wall_modelled_oracle(Spalding())(task, {})
+    assert LogError()(outcome, task) == pytest.approx(0.25 * task.log_error(outcome) ** 2, rel=1e-14)
+    assert RelativeError()(outcome, task) == pytest.approx(abs(math.expm1(task.log_error(outcome))), rel=1e-14)
+    with pytest.raises(ValueError, match="weight"):
+        ChannelTask(re_b=20121, grid_name="u12", weight=0.0)
+
+
+def test_one_dns_case_cross_validates_over_flow_rates():
+    """With one case nothing of the data can be held out: each flow rate is, in turn, and the
+    law (κ from the prior) supplies the targets; each fold's fit never saw its flow rate."""
+    from problems.channel_calibration import folds
+    family = ChannelFamily(train_dns=(550,), eval_dns=(180,), grids=("u8", "u16"), synthetic=3, hidden=[4],
+                           ridge=[1e-6, 1e-4])
+    tasks = family.train_tasks(len(family._train))
+    flow_rates = sorted({t.re_b for t in tasks})
+    assert len(flow_rates) == 4 and len(family.calibration.held_out_thetas) == 4
+    dns = {550: [t for t in tasks if t.source == "DNS Re550"]}
+    synthetic = [t for t in tasks if t.source == "friction law"]
+    for training, held_out in folds("friction_law", family.train_cases, dns, synthetic).values():
+        assert len({t.re_b for t in held_out}) == 1 and held_out[0].re_b not in {t.re_b for t in training}
+    assert family.law.kappa == 0.39 and len(family.calibration.scores) == 2

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from metasolve.cli import main
+from metasolve.app.cli import main
 from solvers import PETSc
 from tests.mpi_run import REPO_ROOT
 from tests.test_reliability import tiny
@@ -22,7 +22,7 @@ def train(config, out, *extra: str) -> int:
 def test_log_view_after_double_dash_shows_the_trainers_stages(tmp_path):
     config = tiny(tmp_path, steps=2)
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "metasolve.cli", "train", str(config), "--out", str(tmp_path / "out"),
+    done = subprocess.run([sys.executable, "-m", "metasolve.app.cli", "train", str(config), "--out", str(tmp_path / "out"),
                            "--quiet", "--", "-log_view"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr
@@ -56,15 +56,15 @@ def test_without_a_terminal_progress_is_a_few_log_lines_not_bar_redraws(tmp_path
 
 
 def test_the_packaged_demo_config_builds_a_newton_guess_experiment():
-    """`make demo` runs metasolve/demo.toml: it must validate and build (Bratu, SNES oracle, a
+    """`make demo` runs metasolve/app/demo.toml: it must validate and build (Bratu, SNES oracle, a
     vector guess pretrained on solutions) without running the training."""
     from importlib import resources
 
-    from metasolve.config import parse_config
-    from metasolve.experiment import build_experiment
-    from metasolve.parallel import SerialExecutor
+    from metasolve.app.config import parse_config
+    from metasolve.app.experiment import build_experiment
+    from metasolve.training.parallel import SerialExecutor
 
-    config = parse_config(resources.files("metasolve").joinpath("demo.toml").read_text(), "metasolve/demo.toml")
+    config = parse_config(resources.files("metasolve.app").joinpath("demo.toml").read_text(), "metasolve/app/demo.toml")
     experiment = build_experiment(config, SerialExecutor())
     assert config["problem"]["family"] == "bratu" and config["pretrain"]["enabled"]
     assert list(experiment.blackbox.space.parts) == ["u0"]

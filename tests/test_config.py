@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from metasolve.config import ConfigError, load_config
+from metasolve.app.config import ConfigError, load_config
 
 GOOD = """
 [problem]

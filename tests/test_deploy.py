@@ -167,3 +167,37 @@ def test_distributed_wrap_and_deploy_on_two_ranks():
     result = run_mpi(REPO_ROOT / "tests" / "mpi_scripts" / "deploy_distributed.py", n=2, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "OK distributed wrap and deploy", result.stdout + result.stderr
+
+
+def test_a_predicted_options_file_makes_a_users_unmonitored_ksp_solve_as_in_training(tmp_path):
+    """`metasolve predict --matrix` for a model trained through a KSPOracle: the options file alone
+    (the training solver and tolerances, the learned ω, the monitor Richardson + SOR needs) turns
+    a user's bare KSP, with no monitor of its own, into exactly the training solve."""
+    from metasolve.app.predict import Delivery, predict, save_for_program
+    from solvers.executable import linear_system_files
+
+    task = poisson_2d(16, seed=8)
+    A, b = task.petsc(PETSc.COMM_SELF)
+    features = operator_features(A, b)
+    meta = MetaSolver(len(features), Space({"pc_sor_omega": Interval(1.0, 1.95)}), depth=0, features="operator")
+    with torch.no_grad():
+        meta.net[-1].bias.fill_(1.2)
+    save_for_program(tmp_path / "meta.pt", meta, Delivery.for_oracle(oracle()))
+    files = linear_system_files(task, str(tmp_path))
+    options_file, setting = predict(tmp_path / "meta.pt", tmp_path / "job", matrix=files[1], rhs=files[3],
+                                    prefix="mycode_")
+    database = PETSc.Options()
+    before = database.getAll()
+    database.insertString(f"-options_file {options_file}")
+    try:
+        ksp = PETSc.KSP().create(comm=PETSc.COMM_SELF)
+        ksp.setOptionsPrefix("mycode_")
+        ksp.setOperators(A)
+        ksp.setFromOptions()
+        assert ksp.getType() == "richardson" and ksp.getPC().getType() == "sor"
+        deployed = solve(ksp, task)
+    finally:
+        for name in set(database.getAll()) - set(before):
+            database.delValue(f"-{name}")
+    assert database.getAll() == before
+    assert deployed == oracle()(task, setting).iterations < MAX_IT

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from metasolve import BlackBox, Choice, Integer, Interval, Space
-from metasolve.score_function import CostModel, ScoreFunction
+from metasolve.method.score_function import CostModel, ScoreFunction
 
 
 def test_choice_decodes_to_options_and_round_trips():
@@ -143,7 +143,7 @@ def test_policy_learns_the_cheaper_preconditioner_through_petsc():
     choice must become ICC."""
     import scipy.sparse as sp
 
-    from metasolve.cost import LogWorkToTolerance
+    from metasolve.method.cost import LogWorkToTolerance
     from solvers import KSPOracle, LinearSystem
 
     n = 200
@@ -168,7 +168,7 @@ def test_a_failing_deployed_choice_still_moves_the_policy():
     a policy that starts on it fails at every centre solve, and must still learn to leave it."""
     import scipy.sparse as sp
 
-    from metasolve.cost import LogWorkToTolerance
+    from metasolve.method.cost import LogWorkToTolerance
     from solvers import KSPOracle, LinearSystem
 
     n = 50
@@ -229,18 +229,24 @@ def test_surrogate_steps_move_the_policy_on_every_training_task():
     after each carry what the cost model learned to every task, so the policy must reach its
     optimum on all eight."""
     from metasolve import MetaSolver, Trainer
-    from metasolve.cost import LogWorkToTolerance
+    from metasolve.method.cost import LogWorkToTolerance
+    from solvers.oracle import Oracle
     from solvers.outcome import Outcome
 
     class Task:
         def __init__(self, index: int) -> None:
             self.name, self.sign = f"analytic-{index}", 1.0 if index % 2 else -1.0
             self.features = torch.tensor([self.sign], dtype=torch.float64)
+            self.reference_norm = 1.0  # the residuals below are relative already
 
-    def oracle(task, setting):
-        cheap = "b" if task.sign > 0 else "a"
-        return Outcome(residuals=np.array([1.0, 1e-9]), iterations=1, reason=2, converged=True,
-                       seconds=0.1 if setting["pc"] == cheap else 1.0)
+    class Table(Oracle):
+        def budget_options(self, budget, task):
+            return {}  # a table of timings: every "solve" stops where it stops
+
+        def solve_many(self, task, settings):
+            cheap = "b" if task.sign > 0 else "a"
+            return [Outcome(residuals=np.array([1.0, 1e-9]), iterations=1, reason=2, converged=True,
+                            seconds=0.1 if setting["pc"] == cheap else 1.0) for setting in settings]
 
     tasks = [Task(i) for i in range(8)]
     features = torch.stack([t.features for t in tasks])
@@ -250,7 +256,7 @@ def test_surrogate_steps_move_the_policy_on_every_training_task():
     meta.fit_normalizer(tasks)
     estimator = ScoreFunction(space, samples=1, cost_model=CostModel(1, 2, hidden=8, steps=50, inputs=features),
                               exploration=0.9, temperature=0.2)
-    box = BlackBox(oracle, space, LogWorkToTolerance(1e-8, 10, "seconds"), estimator, seed=0)
+    box = BlackBox(Table(), space, LogWorkToTolerance(1e-8, 10, "seconds"), estimator, seed=0)
     trainer = Trainer(meta, box, torch.optim.Adam(meta.parameters(), lr=0.05), progress=False, seed=0,
                       surrogate_steps=10)
     trainer.fit(tasks, steps=4, batch_size=2)

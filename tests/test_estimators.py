@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from metasolve import SPSA, ControlVariate, FiniteDifference, ForwardGradient, Surrogate
-from metasolve.surrogate import ReplayBuffer
+from metasolve.method.surrogate import ReplayBuffer
 from tests.analytic import estimate, quadratic, rosenbrock, rosenbrock_grad
 
 
@@ -213,7 +213,7 @@ def test_coefficient_converges_to_the_optimal_control_variate(coefficient):
         for c, estimator in estimators.items():
             h = estimate(estimator, f, theta, seed=step, tasks=[_Featureless()] * batch)
             errors[c].append(float(((h - grad(theta)) ** 2).sum(1).mean()))
-    sums = estimators[coefficient].moments[coefficient].sums
+    sums = estimators[coefficient].coefficient.moments[coefficient]
     beta = sums["c"] / sums["s"]
     standard_error = (sums["cc"] - 2 * beta * sums["cs"] + beta**2 * sums["ss"]).sqrt() / sums["s"]
     beta = beta.expand(dim)
@@ -329,9 +329,9 @@ def test_query_allocation_follows_the_residual_and_stays_unbiased():
     estimator = ControlVariate(ForwardGradient(tangents=2, difference="central"), Surrogate(_Zero(), steps=0),
                                coefficient=0.0, allocation="variance")
     big, small = type("T", (), {"features": None, "name": "big"})(), type("T", (), {"features": None, "name": "small"})()
-    estimator.task_residuals = {"big": 16.0, "small": 1.0}
+    estimator.allocation.task_residuals = {"big": 16.0, "small": 1.0}
     tasks = [big, small, small, small, small]
-    counts = estimator.allocate(tasks)
+    counts = estimator.allocation.counts(tasks)
     assert int(counts.sum()) == 2 * len(tasks) and counts.min() >= 1
     assert counts[0] == 4 and counts[1:].tolist() == [2, 1, 2, 1] or counts[0] >= 3 * counts[1:].float().mean()
     points = estimator.queries(torch.zeros(5, dim, dtype=torch.float64), torch.Generator().manual_seed(0), tasks)
@@ -340,7 +340,7 @@ def test_query_allocation_follows_the_residual_and_stays_unbiased():
     samples = 3000
     theta = _repeat(torch.linspace(-1, 1, dim, dtype=torch.float64), samples)
     many = [big if i % 5 == 0 else small for i in range(samples)]
-    estimator.task_residuals = {"big": 16.0, "small": 1.0}
+    estimator.allocation.task_residuals = {"big": 16.0, "small": 1.0}
     h = estimate(estimator, f, theta, seed=3, tasks=many)
     truth = grad(theta[0])
     # Worst case per sample (1 tangent, Rademacher): (d − 1)‖∇f‖²; the mean of N is within 4 RMS.

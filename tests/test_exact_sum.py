@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from metasolve.exact_sum import fixed_point_sum
-from metasolve.surrogate import Surrogate
+from metasolve.method.exact_sum import fixed_point_sum
+from metasolve.method.surrogate import Surrogate
 
 
 def _terms(n: int, length: int, seed: int) -> list[torch.Tensor]:

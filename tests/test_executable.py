@@ -458,7 +458,7 @@ def test_parser_nests_linear_solves_in_their_newton_solve():
 def test_run_iteration_proxy_tracks_the_total(heat_stepper):
     """The smoothed count over a run's solves (each against its own ||b||, read from the monitor)
     is within one iteration per solve of the true total, and so is its ordering across omega."""
-    from metasolve.run_cost import RunIterationProxy
+    from metasolve.method.run_cost import RunIterationProxy
 
     cost = RunIterationProxy(1e-6)
     oracle = heat_oracle(heat_stepper)
@@ -466,6 +466,25 @@ def test_run_iteration_proxy_tracks_the_total(heat_stepper):
         proxy_run = oracle(heat_task(dt=0.05), {"pc_sor_omega": omega, **cost.overrides})
         exact_run = oracle(heat_task(dt=0.05), {"pc_sor_omega": omega})
         assert abs(cost(proxy_run, None) - exact_run.iterations) <= len(exact_run.solves)
+
+
+def test_a_run_at_the_programs_own_looser_tolerance_is_charged_a_failure(heat_stepper):
+    """Every solve stopped at ‖r‖/‖b‖ ≤ 1e-5 (the program's rtol), above the costs' 1e-6 with
+    budget left: not counted as iterations to 1e-6. The budget on the program's prefix fixes it."""
+    from metasolve.method.cost import Iterations
+    from metasolve.method.run_cost import RunIterationProxy
+
+    oracle, task = heat_oracle(heat_stepper), heat_task(dt=0.05)
+    proxy, count = RunIterationProxy(1e-6), Iterations(1e-6)
+    assert oracle.budget_options(proxy.budget, task) == {"ksp_rtol": proxy.budget.rtol, "ksp_atol": 0.0,
+                                                         "ksp_max_it": 1000}
+    own = oracle(task, {"ksp_rtol": 1e-5})
+    assert own.converged and max(s.relative[-1] for s in own.solves) > 1e-6
+    assert math.isnan(proxy(own, task)) and math.isnan(count(own, task))
+    (budgeted,) = oracle.solve_within(proxy.budget, task, [{"ksp_rtol": 1e-5}])
+    assert all(s.relative[-1] <= proxy.budget.rtol for s in budgeted.solves) and math.isfinite(proxy(budgeted, task))
+    (counted,) = oracle.solve_within(count.budget, task, [{}])
+    assert count(counted, task) == counted.iterations
 
 
 # ---------------------------------------------------------------- nothing left behind
@@ -562,8 +581,8 @@ def test_predict_writes_an_options_file_the_unmodified_program_reads(heat_steppe
     import torch
 
     from metasolve import Interval, MetaSolver, Space
-    from metasolve.cli import main
-    from metasolve.predict import Delivery, save_for_program
+    from metasolve.app.cli import main
+    from metasolve.app.predict import Delivery, save_for_program
 
     meta = MetaSolver(3, Space({"pc_sor_omega": Interval(1.0, 1.95)}), depth=0)
     with torch.no_grad():
@@ -596,7 +615,7 @@ def test_predict_writes_a_guess_vector_the_program_loads(legacy_solver, tmp_path
     import torch
 
     from metasolve import MetaSolver, Space, Vector
-    from metasolve.predict import Delivery, predict, save_for_program
+    from metasolve.app.predict import Delivery, predict, save_for_program
 
     meta = MetaSolver(1, Space({"x0": Vector(16, basis="identity", scale=0.01)}), depth=0)
     with torch.no_grad():
@@ -618,7 +637,7 @@ def test_predict_writes_a_guess_vector_the_program_loads(legacy_solver, tmp_path
 
 def test_predict_refuses_a_task_it_cannot_compute_features_for(tmp_path):
     from metasolve import Interval, MetaSolver, Space
-    from metasolve.predict import Delivery, predict, save_for_program
+    from metasolve.app.predict import Delivery, predict, save_for_program
 
     meta = MetaSolver(3, Space({"pc_sor_omega": Interval(1.0, 1.95)}), depth=0)
     model = tmp_path / "model.pt"
@@ -639,7 +658,7 @@ def test_predict_from_the_matrix_files_the_oracle_wrote(legacy_solver, tmp_path)
     import torch
 
     from metasolve import Interval, MetaSolver, Space
-    from metasolve.predict import predict
+    from metasolve.app.predict import predict
     from solvers.executable import linear_system_files
     from solvers.features import operator_features
 

@@ -14,20 +14,23 @@ import pytest
 import torch
 
 from metasolve import BlackBox, ForwardGradient, LogResidual, Space, Vector
-from metasolve.train import Trainer
-from solvers import IsolatedOracle, KSPOracle, LinearSystem
+from metasolve.training.train import Trainer
+from solvers import Budget, IsolatedOracle, KSPOracle, LinearSystem, Oracle
 from solvers._petsc import PETSc
 from tests.systems import poisson_1d, poisson_2d
 
 pytestmark = pytest.mark.slow  # each test starts worker processes (python + torch + PETSc)
 
 
-class CrashingOracle:
+class CrashingOracle(Oracle):
     """A real KSPOracle, except that a setting {"crash": how} really crashes the process:
     `segv` reads address 0 through ctypes, `abort` calls abort(3), `hang` never returns."""
 
     def __init__(self, **ksp: object) -> None:
         self.ksp = KSPOracle(**ksp)
+
+    def budget_options(self, budget: Budget, task: LinearSystem) -> dict:
+        return self.ksp.budget_options(budget, task)
 
     def solve_many(self, task: LinearSystem, settings: list[dict]) -> list:
         for setting in settings:

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from solvers import KSPOracle, LinearSystem, PETSc
+from solvers import Budget, KSPOracle, LinearSystem, PETSc
+from solvers.options import needs_monitor
 from tests.systems import laplacian_1d, poisson_2d
 
 
@@ -292,3 +293,62 @@ def test_from_ksp_names_a_dm_and_a_null_space(caplog):
         KSPOracle.from_ksp(user)
     assert "a DM is attached" in caplog.text and "null space" in caplog.text
     assert "KSPView differs" not in caplog.text  # a PC type left to PETSc's default is copied as such
+
+
+# ---------------------------------------------------------------- the Richardson trap, budgets
+
+@pytest.mark.parametrize("options, trapped", [
+    ({"ksp_type": "richardson", "pc_type": "sor"}, True),
+    ({"-ksp_type": "richardson", "pc_type": "sor", "pc_sor_omega": 1.7, "ksp_richardson_scale": 1.0}, True),
+    ({"ksp_type": "richardson", "pc_type": "sor", "ksp_monitor": ""}, False),
+    ({"ksp_type": "richardson", "pc_type": "sor", "ksp_monitor_true_residual": ""}, False),
+    ({"ksp_type": "richardson", "pc_type": "sor", "ksp_monitor": "", "ksp_monitor_cancel": ""}, False),
+    ({"ksp_type": "richardson", "pc_type": "sor", "ksp_monitor_cancel": ""}, True),
+    ({"ksp_type": "richardson", "pc_type": "sor", "ksp_richardson_scale": 0.9}, False),  # no fast path
+    ({"ksp_type": "richardson", "pc_type": "jacobi"}, False),
+    ({"ksp_type": "cg", "pc_type": "sor"}, False),
+])
+def test_needs_monitor_names_richardson_with_sor_and_no_monitor(options, trapped):
+    assert needs_monitor(options) is trapped
+
+
+def test_the_trap_is_real_and_from_ksp_warns_about_it(caplog):
+    """Richardson + SOR without a monitor runs every max_it sweep and reports CONVERGED_ITS (what
+    the user's code does); the wrapped oracle attaches a monitor and stops at rtol."""
+    task = diffusion_20()
+    user = UserKSP(task, "trap_", "richardson", "sor", {"pc_sor_omega": "1.5"})
+    try:
+        user.ksp.setTolerances(rtol=1e-6, max_it=1000)
+        iterations, _ = user.solve()
+        assert iterations == 1000 and user.ksp.getConvergedReason() == PETSc.KSP.ConvergedReason.CONVERGED_ITS
+        with caplog.at_level("WARNING", logger="solvers.ksp"):
+            oracle = KSPOracle.from_ksp(user.ksp)
+    finally:
+        user.close()
+    assert "Richardson trap" in caplog.text and "-trap_ksp_monitor" in caplog.text
+    assert "deployed options file includes a monitor" in caplog.text
+    outcome = oracle(task)
+    assert outcome.converged and outcome.iterations < 1000 and outcome.reason != 4
+
+
+def test_from_ksp_is_quiet_about_richardson_with_a_monitor(caplog):
+    task = diffusion_20()
+    user = UserKSP(task, "", "richardson", "sor", {})
+    try:
+        user.ksp.setMonitor(lambda *_: None)
+        with caplog.at_level("WARNING", logger="solvers.ksp"):
+            KSPOracle.from_ksp(user.ksp)
+    finally:
+        user.close()
+    assert "Richardson trap" not in caplog.text
+
+
+def test_a_budget_becomes_ksp_tolerances():
+    task = poisson_2d(8)
+    oracle = KSPOracle(ksp_type="cg", pc_type="jacobi")
+    assert oracle.budget_options(Budget(rtol=1e-4, atol=1e-9, max_it=7), task) == {
+        "ksp_rtol": 1e-4, "ksp_atol": 1e-9, "ksp_max_it": 7}
+    (cut,) = oracle.solve_within(Budget(rtol=1e-12, max_it=7), task, [{}])
+    assert cut.iterations == 7 and cut.hit_max_it
+    (plain,) = oracle.solve_within(None, task, [{}])
+    assert plain.iterations == oracle(task).iterations > 7

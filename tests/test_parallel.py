@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from metasolve.parallel import (MPIExecutor, RemoteError, SerialExecutor, abort_on_uncaught_exception, block,
+from metasolve.training.parallel import (MPIExecutor, RemoteError, SerialExecutor, abort_on_uncaught_exception, block,
                                 longest_first)
 from solvers._petsc import MPI, PETSc
 from tests.mpi_run import run_mpi

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from metasolve import Interval, LogInterval, Space, Vector
-from metasolve.params import sine_basis
+from metasolve.method.params import sine_basis
 
 
 def test_interval_and_log_interval_round_trip_and_stay_inside():

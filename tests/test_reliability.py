@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from metasolve.checkpoint import list_checkpoints, load_checkpoint
-from metasolve.cli import main
+from metasolve.training.checkpoint import list_checkpoints, load_checkpoint
+from metasolve.app.cli import main
 from tests.mpi_run import REPO_ROOT, run_mpi
 
 TINY = """
@@ -114,7 +114,7 @@ def test_fail_fast_under_mpi_on_every_rank(tmp_path):
     """Two ranks: both stop at the same step with the same message and a non-zero exit."""
     config = tiny(tmp_path, ksp_type="cgg")
     script = tmp_path / "metasolve_cli.py"
-    script.write_text("import sys\nfrom metasolve.cli import main\nsys.exit(main())\n")
+    script.write_text("import sys\nfrom metasolve.app.cli import main\nsys.exit(main())\n")
     done = run_mpi(script, n=2, args=["train", config, "--out", tmp_path / "out", "--quiet"], timeout=120)
     assert done.returncode != 0
     assert "cgg" in done.stderr and "failed" in done.stderr, done.stderr
@@ -211,7 +211,7 @@ def signalled_run(config: Path, out: Path, signum: int, steps: int) -> int:
     """`metasolve train` in a process of its own, sent `signum` once 3 steps are done; the step it
     stopped after. The environment is the test's own (same BLAS threading as in-process runs)."""
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    process = subprocess.Popen([sys.executable, "-m", "metasolve.cli", "train", str(config), "--out", str(out),
+    process = subprocess.Popen([sys.executable, "-m", "metasolve.app.cli", "train", str(config), "--out", str(out),
                                 "--quiet"], cwd=REPO_ROOT, env=env, stderr=subprocess.PIPE, text=True)
     metrics = out / "metrics.jsonl"
     while process.poll() is None and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
@@ -266,9 +266,3 @@ def test_a_run_that_learns_nothing_says_so_with_a_likely_cause(tmp_path, caplog,
     report = json.loads((tmp_path / "out" / "evaluation.json").read_text())["held_out_training_cost"]
     assert report["relative_improvement"] < 0.01 and report["causes"]
     assert math.isfinite(report["untrained_cost"])
-
-
-def test_bench_outside_a_clone_says_it_is_a_repository_command(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "benchmarks", None)
-    assert main(["bench", "--quick"]) == 2
-    assert "repository command" in capsys.readouterr().err

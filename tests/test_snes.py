@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from solvers import PETSc
+from solvers import Budget, PETSc
 from solvers.snes import SNESOracle, forward_difference_jacobian
 
 TARGETS = np.array([1.0, 8.0, 27.0, 0.125])
@@ -171,3 +171,23 @@ def test_history_holds_every_iteration_when_options_raise_max_it():
 
     outcome = oracle(residual=slow, max_it=5, rtol=1e-30, atol=1e-30, stol=0.0)(TARGETS, {"snes_max_it": 40})
     assert outcome.iterations == 40 and len(outcome.residuals) == 41
+
+
+class Targets(np.ndarray):
+    """The cube targets with the norm a budget's tolerance refers to: ‖F(u0 = 2)‖ for the unshifted problem."""
+
+    @property
+    def reference_norm(self) -> float:
+        return float(np.linalg.norm(cubes(np.asarray(self), {}, np.full(self.shape, 2.0))))
+
+
+def test_a_budget_becomes_newton_tolerances_on_the_tasks_reference_norm():
+    task = TARGETS.view(Targets)
+    solver = oracle(warm_start=False)
+    assert solver.budget_options(Budget(rtol=1e-4, max_it=9), task) == {
+        "snes_rtol": 0.0, "snes_atol": pytest.approx(1e-4 * task.reference_norm), "snes_max_it": 9}
+    (loose,) = solver.solve_within(Budget(rtol=1e-4, max_it=50), task, [{}])
+    assert loose.converged and loose.residuals[-1] <= 1e-4 * task.reference_norm < loose.residuals[-2]
+    assert loose.iterations < solver(task).iterations
+    with pytest.raises(ValueError, match="no reference norm"):
+        solver.budget_options(Budget(rtol=1e-4), TARGETS)

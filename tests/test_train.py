@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from metasolve import BlackBox, ControlVariate, FiniteDifference, ForwardGradient, LogResidual, Space, Surrogate, Vector
-from metasolve.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
-from metasolve.meta_solver import MetaSolver
-from metasolve.train import Trainer, TrainingFailed
+from metasolve.training.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
+from metasolve.method.meta_solver import MetaSolver
+from metasolve.training.train import Trainer, TrainingFailed
 from solvers import KSPOracle, LinearSystem, PETSc
+from solvers.oracle import Oracle
 from solvers.outcome import Outcome
 from tests.systems import laplacian_1d
 
@@ -155,17 +156,20 @@ def test_a_checkpoint_that_would_run_code_is_refused_naming_the_file(tmp_path):
         load_checkpoint(path)
 
 
-class FailsFor:
+class FailsFor(Oracle):
     """A real KSPOracle whose solves of the named tasks come back failed (a broken program's
     output would look the same to the trainer)."""
 
     def __init__(self, names: set[str]) -> None:
         self.inner, self.names = KSPOracle(ksp_type="richardson", pc_type="jacobi"), names
 
-    def __call__(self, task, setting=None):
+    def budget_options(self, budget, task):
+        return self.inner.budget_options(budget, task)
+
+    def solve_many(self, task, settings):
         if task.name in self.names:
-            return Outcome.failure(f"synthetic failure of {task.name}")
-        return self.inner(task, setting)
+            return [Outcome.failure(f"synthetic failure of {task.name}") for _ in settings]
+        return self.inner.solve_many(task, settings)
 
 
 def test_every_centre_failing_in_the_first_step_stops_with_petscs_message():
@@ -190,3 +194,47 @@ def test_a_failed_fraction_over_a_window_stops_only_when_reached():
     with pytest.raises(TrainingFailed, match="synthetic failure of smooth"):
         stopped.fit(tasks, steps=6, batch_size=8)
     assert stopped.step == 1
+
+
+def _weights(trainer):
+    return [t.clone() for t in trainer.meta_solver.state_dict().values()]
+
+
+def test_patience_stops_after_steps_without_a_better_held_out_cost_and_keeps_the_best_weights(tmp_path):
+    """Held-out cost measured every step; `patience = 3` stops three steps after the best one and
+    restores its weights — the very weights a run of exactly that many steps ends with. A run cut
+    before the stop resumes into the same stop, and resuming a stopped run trains no further."""
+    train, held_out = smooth_tasks(8), smooth_tasks(4, offset=100)
+
+    def run(steps, patience=3, directory=None, resume=False):
+        trainer = make_trainer(directory, control_variate=False, lr=PATIENCE_LR)
+        trainer.patience = patience
+        trainer.fit(train, steps=steps, batch_size=4, eval_tasks=held_out if patience else None,
+                    eval_every=1 if patience else 0, resume=resume)
+        return trainer
+
+    stopped = run(30)
+    costs = {row["step"]: row["eval_cost"] for row in stopped.history}
+    best = min(costs, key=lambda step: (costs[step], step))
+    assert stopped.stopped_early and stopped.step == best + 3 < 30
+    assert stopped.best["step"] == best and stopped.best["cost"] == costs[best]
+    reference = run(best, patience=0)
+    assert all(torch.equal(a, b) for a, b in zip(_weights(stopped), _weights(reference)))
+
+    run(best + 1, directory=tmp_path)  # cut before the stop: its checkpoint holds the last weights
+    resumed = run(30, directory=tmp_path, resume=True)
+    assert resumed.stopped_early and resumed.step == stopped.step
+    assert all(torch.equal(a, b) for a, b in zip(_weights(resumed), _weights(stopped)))
+    again = run(30, directory=tmp_path, resume=True)
+    assert again.step == stopped.step and len(again.history) == len(stopped.history)
+    assert all(torch.equal(a, b) for a, b in zip(_weights(again), _weights(stopped)))
+
+
+PATIENCE_LR = 0.5  # far too large for this problem: the held-out cost stops improving within a few steps
+
+
+def test_patience_needs_held_out_measurements():
+    trainer = make_trainer(control_variate=False)
+    trainer.patience = 2
+    with pytest.raises(ValueError, match="patience = 2 needs held-out tasks"):
+        trainer.fit(smooth_tasks(4), steps=2, batch_size=2)

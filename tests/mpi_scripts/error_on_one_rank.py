@@ -8,7 +8,7 @@ RemoteError uncaught so the job exits non-zero.
 import sys
 from pathlib import Path
 
-from metasolve.parallel import MPIExecutor, RemoteError
+from metasolve.training.parallel import MPIExecutor, RemoteError
 from solvers._petsc import MPI
 
 executor = MPIExecutor(MPI.COMM_WORLD, group_size=int(sys.argv[1]))

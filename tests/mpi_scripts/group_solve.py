@@ -6,7 +6,7 @@ every rank on a mismatch.
 """
 import sys
 
-from metasolve.parallel import MPIExecutor
+from metasolve.training.parallel import MPIExecutor
 from solvers import KSPOracle
 from solvers._petsc import MPI
 from tests.systems import poisson_2d

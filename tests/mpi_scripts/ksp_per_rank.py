@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 
-from metasolve.parallel import MPIExecutor
+from metasolve.training.parallel import MPIExecutor
 from solvers import KSPOracle
 from solvers._petsc import MPI, PETSc
 from tests.systems import poisson_1d

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from metasolve.parallel import MPIExecutor, SerialExecutor
+from metasolve.training.parallel import MPIExecutor, SerialExecutor
 from solvers._petsc import MPI
 
 

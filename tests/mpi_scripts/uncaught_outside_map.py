@@ -3,7 +3,7 @@
 With `abort_on_uncaught_exception` installed the job must end at once with a non-zero code;
 without it rank 0 would wait in the all-gather forever.
 """
-from metasolve.parallel import MPIExecutor, abort_on_uncaught_exception
+from metasolve.training.parallel import MPIExecutor, abort_on_uncaught_exception
 from solvers._petsc import MPI
 
 abort_on_uncaught_exception()

@@ -1,0 +1,240 @@
+"""[tutorials] PETSc's own tutorial programs, built unchanged, tuned per run through the config route only.
+
+Two programs from PETSc 3.26.1's sources (`examples/petsc_tutorials/Makefile` downloads the
+sdist with pip and compiles them against the venv's PETSc, not a line changed):
+- `ksp/tutorials/ex29`: −div(ρ ∇u) = f on a DMDA, ρ in the centre block; a run is
+  `-da_grid_x -da_grid_y -rho -nu`;
+- `snes/tutorials/ex5`: Bratu, −Δu − λeᵘ = 0; a run is `-da_grid_x -da_grid_y -par`, and its cost
+  is the linear iterations of every Newton step.
+Both solve with Richardson + forward SOR, where the per-run ω matters (Young's ω* from the grid
+size is the textbook answer). The learned per-run ω is trained by `metasolve.app.run.run` on the
+shipped configs (`examples/petsc_tutorials/*_omega.toml`) — exactly what `metasolve train` runs —
+and delivered by the `metasolve predict` command: one options file per run, then the program
+started with `-options_file` outside the oracle, its count read from its own output and compared
+with the count of the same setting inside training's solve path.
+
+Baselines on the same unseen runs, iterations to rtol 1e-6 (every solve of the run):
+PETSc's default (ω = 1); the best constant ω by a grid on the training runs and by Optuna (TPE),
+each with as many program runs as the learned predictor's training spent (its supervised start
+included); Young's formula from the grid sizes (0 runs); the per-run optimum on a fine grid
+(hindsight). "Headroom captured" = (best constant − learned) / (best constant − per-run optimum),
+with the better of the two constants.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from metasolve.app.config import load_config, override  # noqa: E402
+from metasolve.app.report import markdown_table  # noqa: E402
+from metasolve.method.cost import Iterations  # noqa: E402
+from metasolve.method.measure import measure  # noqa: E402
+from solvers.executable import child_environment  # noqa: E402
+from solvers.monitor_parser import parse_run_output  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TUTORIALS = ROOT / "examples" / "petsc_tutorials"
+PROGRAMS = {"ex29": "ex29_omega.toml", "ex5": "ex5_omega.toml"}
+OPTION = "pc_sor_omega"
+SEEDS = (0, 1)
+COARSE, FINE = 0.02, 0.005
+YOUNG = "Young's formula"
+
+
+def build_programs() -> Path:
+    """`make -C examples/petsc_tutorials` (downloads PETSc's sources with pip the first time)."""
+    result = subprocess.run(["make", "--no-print-directory", "-C", str(TUTORIALS), f"PYTHON={sys.executable}"],
+                            capture_output=True, text=True, timeout=1800)
+    if result.returncode != 0:
+        raise RuntimeError(f"building the PETSc tutorials failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return ROOT / "build" / "petsc-tutorials"
+
+
+def iterations(experiment, cost: Iterations, task, omegas: Sequence[float]) -> list[float]:
+    """Iterations to the evaluation tolerance of each ω (a failed run is charged the cost's failure value)."""
+    results = measure(experiment.blackbox.oracle, cost, task, [{OPTION: float(w)} for w in omegas])
+    return [cost.failure_value(task) if r.failed else r.value for r in results]
+
+
+def per_run_optimum(experiment, cost: Iterations, task, space) -> tuple[float, float, int]:
+    """(ω, iterations, runs) of the best ω on a coarse grid refined around its minimum."""
+    lo, hi = space.lo, space.hi
+    coarse = np.round(np.arange(lo, hi + 1e-9, COARSE), 6)
+    values = iterations(experiment, cost, task, coarse)
+    centre = float(coarse[int(np.argmin(values))])
+    fine = np.round(np.arange(max(lo, centre - COARSE + FINE), min(hi, centre + COARSE - FINE) + 1e-9, FINE), 6)
+    fine = np.array([w for w in fine if w not in set(coarse)])
+    values_fine = iterations(experiment, cost, task, fine) if len(fine) else []
+    omegas = np.concatenate([coarse, fine])
+    every = np.concatenate([values, values_fine])
+    best = int(np.argmin(every))
+    return float(omegas[best]), float(every[best]), len(omegas)
+
+
+def best_constant_grid(experiment, cost, tasks, budget: int, space) -> tuple[float, int]:
+    points = max(1, budget // len(tasks))
+    grid = np.linspace(space.lo, space.hi, points + 2)[1:-1]
+    totals = np.sum([iterations(experiment, cost, t, grid) for t in tasks], axis=0)
+    return float(grid[int(np.argmin(totals))]), points * len(tasks)
+
+
+def best_constant_optuna(experiment, cost, tasks, budget: int, space, seed: int) -> tuple[float, int]:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    trials = max(1, budget // len(tasks))
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=seed))
+    study.optimize(lambda trial: float(sum(iterations(experiment, cost, t, [trial.suggest_float("w", space.lo, space.hi)])[0]
+                                           for t in tasks)), n_trials=trials)
+    return float(study.best_params["w"]), trials * len(tasks)
+
+
+def delivered(program: Path, model: Path, task, scratch: Path, rtol: float, max_it: int) -> tuple[int, float, float]:
+    """`metasolve predict` (a fresh process, as a job script runs it), then the program with the
+    options file it wrote: (iterations from the program's own output, ω written, predict seconds)."""
+    job = scratch / task.name
+    begin = time.perf_counter()
+    predicted = subprocess.run([sys.executable, "-m", "metasolve", "predict", str(model), "--out", str(job), "--",
+                                *task.argv()], capture_output=True, text=True, timeout=300)
+    seconds = time.perf_counter() - begin
+    if predicted.returncode != 0:
+        raise RuntimeError(f"metasolve predict failed for {task.name}:\n{predicted.stdout}\n{predicted.stderr}")
+    options_file = job / "metasolve.opts"
+    omega = next(float(line.split()[1]) for line in options_file.read_text().splitlines()
+                 if line.split() and line.split()[0].endswith(OPTION))
+    # The user's tolerance, and a reason line to read the count from: nothing else is added.
+    result = subprocess.run([str(program), *task.argv(), "-options_file", str(options_file), "-ksp_rtol", repr(rtol),
+                             "-ksp_max_it", str(max_it), "-ksp_converged_reason", "-options_left"],
+                            capture_output=True, text=True, env=child_environment(), timeout=600)
+    if result.returncode != 0 or "Option left" in result.stdout:
+        raise RuntimeError(f"delivered run of {task.name} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+    report = parse_run_output(result.stdout)
+    if not report.solves or not all(s.converged for s in report.solves):
+        raise RuntimeError(f"delivered run of {task.name} did not converge:\n{result.stdout[-2000:]}")
+    return sum(s.linear_iterations for s in report.solves), omega, seconds
+
+
+def one_program(name: str, seed: int, out: Path, quick: bool, programs: Path) -> dict:
+    from metasolve.app.run import run
+
+    config = load_config(TUTORIALS / PROGRAMS[name])
+    changes = {"problem.seed": seed, "train.seed": seed,
+               "solver.command": [str(programs / config["solver"]["command"][0].split("/")[-1])]}
+    if quick:
+        changes.update({"problem.train_tasks": 8, "problem.eval_tasks": 4, "train.steps": 3, "train.batch_size": 4,
+                        "pretrain.tasks": 4, "pretrain.search_solves": 4})
+    config = override(config, changes, str(TUTORIALS / PROGRAMS[name]))
+    run_dir = Path(tempfile.mkdtemp(prefix=f"tutorial-{name}-"))
+    begin = time.perf_counter()
+    result = run(config, run_dir / "run", overwrite=True, quiet=True)
+    train_seconds = time.perf_counter() - begin
+    experiment = result.experiment
+    space = experiment.blackbox.space.parts[OPTION]
+    cost = Iterations(config["evaluate"]["rtol"], config["evaluate"]["max_it"])
+    train_tasks, eval_tasks = experiment.train_tasks, experiment.eval_tasks
+    budget = int(result.solves["training"])
+
+    young_index = list(experiment.family.feature_names).index("young_omega")
+    omegas = {"PETSc default (ω = 1)": [None] * len(eval_tasks),
+              YOUNG: [float(min(max(float(t.features[young_index]), space.lo), space.hi)) for t in eval_tasks]}
+    spent = {"PETSc default (ω = 1)": 0, YOUNG: 0}
+    constant, spent["best constant, grid"] = best_constant_grid(experiment, cost, train_tasks, budget, space)
+    omegas["best constant, grid"] = [constant] * len(eval_tasks)
+    constant, spent["best constant, Optuna"] = best_constant_optuna(experiment, cost, train_tasks, budget, space, seed)
+    omegas["best constant, Optuna"] = [constant] * len(eval_tasks)
+
+    counts = {}
+    for method, chosen in omegas.items():
+        counts[method] = [iterations(experiment, cost, t, [w])[0] if w is not None else
+                          cost.failure_value(t) if measure(experiment.blackbox.oracle, cost, t, [{}])[0].failed else
+                          measure(experiment.blackbox.oracle, cost, t, [{}])[0].value
+                          for t, w in zip(eval_tasks, chosen)]
+
+    scratch = run_dir / "jobs"
+    model = result.files["model"]
+    deliveries = [delivered(Path(config["solver"]["command"][0]), model, t, scratch, cost.rtol, cost.max_it)
+                  for t in eval_tasks]
+    learned = "learned, delivered by `metasolve predict`"
+    omegas[learned] = [d[1] for d in deliveries]
+    counts[learned] = [float(d[0]) for d in deliveries]
+    spent[learned] = budget
+    inside = [iterations(experiment, cost, t, [w])[0] for t, w in zip(eval_tasks, omegas[learned])]
+    optimum = [per_run_optimum(experiment, cost, t, space) for t in eval_tasks]
+    hindsight = "per-run optimum (hindsight)"
+    omegas[hindsight] = [o[0] for o in optimum]
+    counts[hindsight] = [o[1] for o in optimum]
+    spent[hindsight] = sum(o[2] for o in optimum)
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+    totals = {m: float(sum(c)) for m, c in counts.items()}
+    constant_total = min(totals["best constant, grid"], totals["best constant, Optuna"])
+    headroom = constant_total - totals[hindsight]
+    captured = (constant_total - totals[learned]) / headroom if headroom > 0 else math.nan
+    young_captured = (constant_total - totals[YOUNG]) / headroom if headroom > 0 else math.nan
+    return {"program": name, "seed": seed, "train_seconds": train_seconds, "training_runs": budget,
+            "evaluation_runs": len(eval_tasks), "tasks": [t.name for t in eval_tasks],
+            "arguments": [t.arguments for t in eval_tasks], "omegas": omegas, "counts": counts, "totals": totals,
+            "runs_spent": spent, "captured": captured, "young_captured": young_captured,
+            "delivered_equals_training": [int(a) == int(b) for a, b in zip(counts[learned], inside)],
+            "inside_counts": inside, "predict_seconds": [d[2] for d in deliveries], "kept": result.kept}
+
+
+def plot(path: Path, results: list[dict]) -> Path:
+    figure, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.8), squeeze=False)
+    for axis, result in zip(axes[0], results):
+        optimum = result["omegas"]["per-run optimum (hindsight)"]
+        for method, marker in (("learned, delivered by `metasolve predict`", "x"), (YOUNG, "+")):
+            axis.scatter(optimum, result["omegas"][method], marker=marker, label=method.split(",")[0])
+        axis.axhline(result["omegas"]["best constant, grid"][0], color="tab:orange", lw=1, label="best constant")
+        lo, hi = min(optimum), max(optimum)
+        axis.plot([lo, hi], [lo, hi], color="grey", lw=0.8)
+        axis.set_xlabel("per-run optimal ω (hindsight)")
+        axis.set_ylabel("ω used")
+        axis.set_title(f"{result['program']}, seed {result['seed']}")
+        axis.legend(fontsize=7)
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def run(out: Path, quick: bool = False) -> dict:
+    programs = build_programs()
+    results = [one_program(name, seed, out, quick, programs) for name in PROGRAMS for seed in (SEEDS[:1] if quick else SEEDS)]
+    rows = []
+    for result in results:
+        for method, total in result["totals"].items():
+            rows.append({"program": result["program"], "seed": result["seed"], "method": method,
+                         "program runs to choose ω": result["runs_spent"][method],
+                         "ω on unseen runs": "—" if result["omegas"][method][0] is None else
+                         f"{min(result['omegas'][method]):.3f}–{max(result['omegas'][method]):.3f}",
+                         "total iterations": int(total)})
+    goals = [{"program": r["program"], "seed": r["seed"], "headroom captured (learned)": r["captured"],
+              "headroom captured (Young)": r["young_captured"],
+              "learned ahead of Young": r["totals"]["learned, delivered by `metasolve predict`"] < r["totals"][YOUNG],
+              "delivered runs equal to training counts": f"{sum(r['delivered_equals_training'])}/{len(r['delivered_equals_training'])}",
+              "predict seconds (median, cold process)": float(np.median(r["predict_seconds"])),
+              "training runs": r["training_runs"], "training seconds": r["train_seconds"], "weights kept": r["kept"]}
+             for r in results]
+    figure = plot(out / "tutorials.png", results)
+    markdown = "\n".join([
+        "PETSc 3.26.1's own `ksp/tutorials/ex29` and `snes/tutorials/ex5`, built unchanged from the sdist, "
+        "Richardson + forward SOR, per-run ω trained through the config route (`metasolve.app.run.run` on "
+        "`examples/petsc_tutorials/*_omega.toml`), delivered by `metasolve predict` and `-options_file`. Iterations "
+        "to rtol 1e-6 summed over the unseen runs (for ex5: every linear solve of every Newton step).", "",
+        markdown_table(rows), "", "Goals (headroom = best constant at equal runs → per-run optimum):", "",
+        markdown_table(goals), "", f"![ω per run]({figure.name})"])
+    return {"summary": goals, "rows": rows, "results": results, "markdown": markdown}

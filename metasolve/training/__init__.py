@@ -1,0 +1,1 @@
+"""Training machinery: the loop and its state, pretraining, checkpoints, executors (serial, MPI)."""

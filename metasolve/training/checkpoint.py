@@ -1,0 +1,120 @@
+"""Atomic checkpoints, loaded without running code, and finding the newest one that is intact.
+
+A checkpoint is plain data (tensors, numbers, strings, lists, dicts), so it loads with
+`torch.load(weights_only=True)`: a crafted file cannot run code on the machine that resumes it.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_NAME = re.compile(r"^checkpoint-(\d+)\.pt$")
+_TEMPORARY = ".checkpoint-*.tmp"
+log = logging.getLogger("metasolve")
+FORMAT_VERSION = 1
+"""Written into every checkpoint; a file from a newer metasolve is refused, not misread."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint (or model) file that cannot be used; the message names the file."""
+
+
+def save_checkpoint(directory: Path, step: int, state: dict[str, Any]) -> Path:
+    """Write `checkpoint-<step>.pt` via a temp file + fsync + rename, so a kill never leaves half a
+    file under the real name (a kill mid-write leaves a `.checkpoint-*.tmp`, see `remove_stale`)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / f"checkpoint-{step:08d}.pt"
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".checkpoint-", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            torch.save({**state, "format_version": FORMAT_VERSION}, stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, target)
+    except RuntimeError as error:  # torch's zip writer reports a short write as "unexpected pos"
+        Path(temporary).unlink(missing_ok=True)
+        free = shutil.disk_usage(directory).free
+        raise OSError(errno.ENOSPC, f"writing {target} failed part-way ({free} bytes free on its device: most "
+                                    f"likely no space left): {str(error).splitlines()[0]}") from None
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def remove_stale(directory: Path) -> list[Path]:
+    """Delete temporary files left by writes that were killed (never a finished checkpoint)."""
+    stale = sorted(directory.glob(_TEMPORARY)) if directory.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """Checkpoints in `directory`, newest step first."""
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def load_file(path: Path, what: str = "checkpoint") -> Any:
+    """`torch.load(path, weights_only=True)`; any failure is a CheckpointError naming the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such {what} file") from None
+    except Exception as error:  # noqa: BLE001 — truncated, random, or a pickle that wants to run code
+        raise CheckpointError(f"{path}: not a readable {what} ({_unreadable(error)})") from None
+
+
+def _unreadable(error: Exception) -> str:
+    """What is wrong with a file torch.load(weights_only=True) rejected, in words (torch's own
+    message for a crafted pickle suggests loading it unsafely, and for random bytes says nothing)."""
+    text = str(error).strip()
+    if "Weights only load failed" in text:
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        if found:
+            return (f"refused: it holds a pickled Python object, {found.group(1)}, that loading would construct "
+                    "or call; metasolve writes only tensors and plain data")
+        return "not written by torch.save: random or damaged bytes"
+    if isinstance(error, EOFError) or not text:
+        return "empty or truncated"
+    if "central directory" in text:
+        return "truncated or damaged: its zip archive is incomplete"
+    return f"{type(error).__name__}: {text.splitlines()[0]}"
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    state = load_file(path)
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"{path}: not a metasolve checkpoint (no 'step')")
+    version = state.get("format_version", 0)  # 0: written before versions were recorded
+    if not isinstance(version, int) or not 0 <= version <= FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {version!r}, this metasolve reads up to "
+                              f"{FORMAT_VERSION}: it was written by a newer metasolve")
+    return state
+
+
+def load_latest(directory: Path) -> tuple[Path, dict[str, Any], list[Path]] | None:
+    """The newest checkpoint that loads, and the newer ones that did not (reported and skipped);
+    None when there are no checkpoint files at all."""
+    unreadable: list[Path] = []
+    for path in list_checkpoints(directory):
+        try:
+            return path, load_checkpoint(path), unreadable
+        except CheckpointError as error:
+            log.warning("%s; falling back to the previous checkpoint", error)
+            unreadable.append(path)
+    if unreadable:
+        raise CheckpointError(f"{directory}: no intact checkpoint to resume from "
+                              f"({len(unreadable)} unreadable: {', '.join(p.name for p in unreadable)})")
+    return None
