@@ -53,32 +53,29 @@ CANDIDATES = {
 DEFAULT = "gmres+ilu"
 RTOL, MAX_IT = 1e-8, 400
 CHOICE_SIZES, RESTART_SIZES = (160, 260), (64, 110)
-"""Grid sides n (n² unknowns). The solver choice is measured on 26k–68k unknowns: at 4k–12k
-(n 64–110, this benchmark's earlier family) every candidate solves in 3–20 ms, the best single
-configuration is within 20% of the per-instance best, and any per-instance analysis of the matrix
-costs as much as the choice gains. From n ~ 160 the candidates separate — ILU-preconditioned
-GMRES(30) stalls on every convection–diffusion task within 400 iterations, GMRES + GAMG wins at
-low Péclet and fails on a quarter of them, incomplete Cholesky CG is 1.4–2× faster than
-BiCGStab + ILU on the SPD half and GAMG wins on some of it. The restart is measured at the
-smaller size: at n ≥ 160
-GMRES(restart ≤ 60) + ILU(0) does not reach rtol 1e-8 in 400 iterations on most
-convection–diffusion tasks, whatever the restart."""
+"""Grid sides n (n² unknowns). The solver choice is measured where the candidates separate: on
+the smaller grids every candidate solves in milliseconds, the best single configuration is close
+to the per-instance best, and any per-instance analysis of the matrix costs as much as the choice
+gains; on the larger ones ILU-preconditioned GMRES(30) stalls on convection–diffusion, GMRES +
+GAMG wins at low Péclet and fails on some tasks, incomplete Cholesky CG beats BiCGStab + ILU on the
+SPD half and GAMG wins on some of it (per-task times: benchmarks/results/discrete.json). The
+restart is measured at the smaller size: on the larger grids GMRES(restart ≤ 60) + ILU(0) does
+not reach the tolerance within `MAX_IT` on most convection–diffusion tasks, whatever the restart."""
 FEATURES = "structural"
-"""`solvers.features.structural_features` (14 numbers; 6.6 ms at 53k unknowns, against 34 ms for
-the full operator features): symmetry, sign and dominance decide which solver applies, and the
-features are paid on every deployed solve. At n 64–110 the full set cost 7.6 ms per task against
-13 ms for the per-instance best's solve."""
+"""`solvers.features.structural_features`: symmetry, sign and dominance decide which solver
+applies, and the features are paid on every deployed solve, so the cheap structural subset (no
+Krylov run) rather than the full operator features (the `features_seconds` column of
+benchmarks/results/discrete.md)."""
 CHOICE_MEASURE, RESTART_MEASURE, POLICY_LR, SURROGATE_STEPS = "seconds", "flops", 0.01, 10
 """Training cost: log10 of the seconds (or flops) to the tolerance, setup + solve. For the solver
-choice seconds, the user's own goal: a solve takes 30 ms to 1 s there and timing noise is small
-against the gaps between candidates, while PETSc's flop count misjudges GAMG (its setup is
-memory-bound): fitted on this benchmark's whole training sweep, a cost model of log flops
-deployed 5.5–6.3 s on the evaluation tasks, of log seconds 4.7–5.2 s. For the restart flops: at
-4k–12k unknowns a solve takes 3–20 ms and timing noise is as large as the gaps between restarts
-(trained on seconds, two runs deployed restarts 59–60 and 35–56), and GMRES + ILU has no setup
-whose flops mislead. The rest of the recipe (exploration 0.9, temperature 0.2, ten surrogate
-steps, the cost model's weight decay) is measured in `metasolve.method.score_function`, on a replay of
-this sweep with 80 validation tasks kept apart from the 30 evaluated here."""
+choice seconds, the user's own goal: on these grids timing noise is small against the gaps
+between candidates, while PETSc's flop count misjudges GAMG (its setup is memory-bound), and a
+cost model of log flops deployed slower choices than one of log seconds. For the restart flops:
+on the smaller grids timing noise is as large as the gaps between restarts (trained on seconds,
+runs deployed very different restarts), and GMRES + ILU has no setup whose flops mislead. The
+rest of the recipe (exploration, temperature, surrogate steps, the cost model's weight decay) is
+the config's defaults, measured in `metasolve.method.score_function` on a replay of this sweep
+with validation tasks kept apart from the evaluated ones."""
 
 
 def isolated_oracle() -> IsolatedOracle:

@@ -100,9 +100,9 @@ class Scale:
 
 FULL = Scale(train_tasks=1024, eval_tasks=30, steps=400, batch_size=16, seeds=(0, 1, 2), golden_evaluations=24,
              optuna_trials=40, coarse_step=0.01, fine_step=0.001)
-MEDIUM = Scale(train_tasks=256, eval_tasks=16, steps=150, batch_size=8, seeds=(0,), golden_evaluations=12,
+MEDIUM = Scale(train_tasks=256, eval_tasks=16, steps=150, batch_size=8, seeds=(0, 1, 2), golden_evaluations=12,
                optuna_trials=16, coarse_step=0.01, fine_step=0.002, lr=2e-2)
-"""What fits in about ten CPU minutes on a shared machine: one seed, a quarter of the tasks."""
+"""A quarter of the tasks and steps (about two CPU minutes): `_run(out, MEDIUM, False)`."""
 QUICK = Scale(train_tasks=64, eval_tasks=6, steps=20, batch_size=8, seeds=(0,), golden_evaluations=6,
               optuna_trials=6, coarse_step=0.05, fine_step=0.01, lr=3e-2, pretrain_tasks=8, search_solves=6,
               timing_repeats=1)

@@ -189,6 +189,8 @@ def summarize_size(size: dict, trained: dict) -> list[dict[str, Any]]:
             row["learned vs this (CPU)"] = -saved_cpu / mean_cpu
             row["break-even solves (CPU)"] = math.ceil(training_cpu / saved_cpu) if saved_cpu > 0 else math.inf
             row["break-even solves (wall)"] = math.ceil(training_wall / saved_wall) if saved_wall > 0 else math.inf
+        else:
+            row.update({"learned vs this (CPU)": "", "break-even solves (CPU)": "", "break-even solves (wall)": ""})
         rows.append(row)
     return rows
 
@@ -221,8 +223,8 @@ def plot(rows: list[dict], trained: dict, path: Path) -> None:
         if method.startswith("learned"):
             continue
         chosen = [r for r in rows if (r["method"].startswith("grid") if method.startswith("grid") else r["method"] == method)]
-        x = [r["unknowns"] for r in chosen if math.isfinite(r.get("break-even solves (CPU)", math.inf))]
-        y = [r["break-even solves (CPU)"] for r in chosen if math.isfinite(r.get("break-even solves (CPU)", math.inf))]
+        x = [r["unknowns"] for r in chosen if math.isfinite(r["break-even solves (CPU)"])]
+        y = [r["break-even solves (CPU)"] for r in chosen if math.isfinite(r["break-even solves (CPU)"])]
         if x:
             axes[1].loglog(x, y, "o-", label=f"vs {method} (p={exponent(x, y):.2f})")
     axes[1].axhline(50, color="gray", lw=0.8, ls=":")

@@ -55,13 +55,21 @@ def main() -> None:
         if int(entry["case"].split()[-1]) in unseen:
             entry["case"] += " (unseen)"
     summary = {case: error_summary([r for r in rows if r.case == case], grids) for case in sorted({r.case for r in rows})}
+    bands = []
+    for task in family.eval_tasks(len(family.eval_cases) * len(grids)):  # responses measured when the family was built
+        band = family.calibration.predict([task])[0]
+        bands.append({"case": task.source, "grid": task.grid_name, "DNS Re_tau": f"{task.target:.1f}",
+                      "predicted": f"{band['re_tau']:.1f}", "band": f"{band['lo']:.1f} to {band['hi']:.1f}",
+                      "DNS in band": "yes" if band["lo"] <= task.target <= band["hi"] else "no"})
     seconds = time.perf_counter() - begin
     text = "\n".join([
         f"## Against DNS at the DNS bulk Reynolds numbers (trained on {family.parameters['train_dns']}, "
         f"target {family.target})\n", markdown_table(table),
         "\nRe_tau error = coarse solve vs DNS; U+ RMS = root mean square of U+ - U+_DNS at the coarse cell centres "
         "with y+ >= 30 and y/h <= 0.3 (the wall-resolved row: its own 256 cells).",
-        f"\n{seconds:.0f} s in all (training and the table).\n"])
+        "\n## The calibration's band on the unseen case(s) (spread of the cross-validation fits and the friction "
+        "law's uncertainty; prediction linearised around Spalding)\n", markdown_table(bands),
+        f"\n{seconds:.0f} s in all (training and the tables).\n"])
     (arguments.out / "dns_table.md").write_text(text)
     (arguments.out / "dns_table.json").write_text(json.dumps(
         {"rows": [asdict(r) for r in rows], "summary": {str(k): v for k, v in summary.items()},

@@ -16,8 +16,8 @@ Spalding's + s·c_θ(x), is linear in θ, so each fit is a weighted ridge regres
 
 the training cost of `metasolve.method.calibration.LogError` to first order, plus the ridge.
 A friction-law target's weight falls with the law's own variance at that flow rate
-(`FrictionLaw.re_tau_sd`, `FIT_FLOOR`): where the law extrapolates, the model trusts it less. Each prediction
-carries a band: the spread of the leave-one-case-out fits, with the law's uncertainty added.
+(`FrictionLaw.re_tau_sd`, `FIT_FLOOR`): where the law extrapolates, the model trusts it less.
+Each prediction carries a band: the spread of the held-out fits, with the law's uncertainty added.
 """
 from __future__ import annotations
 
@@ -34,9 +34,9 @@ from problems.wall_laws import LearnedWallModel
 
 FIT_FLOOR = 5e-3
 """The ln Re_τ error below which a coarse-grid wall model cannot be held on every grid at once
-(the fits' own training error is of this size, benchmarks/results/wall_model.md): a friction-law
-target whose uncertainty is below it counts nearly as much as DNS, one far above it little.
-Weight = FIT_FLOOR²/(FIT_FLOOR² + sd_law²)."""
+(the leave-one-case-out errors are of this size: `runs.*.cv_scores` in
+benchmarks/results/wall_model.json): a friction-law target whose uncertainty is below it counts
+nearly as much as DNS, one far above it little. Weight = FIT_FLOOR²/(FIT_FLOOR² + sd_law²)."""
 TARGETS = ("dns", "friction_law", "rans")
 
 

@@ -169,6 +169,7 @@ def wall_modelled_oracle(model: WallModel, **snes_options: Any) -> SNESOracle:
 def wall_modelled_profile(outcome: Outcome, task: ChannelTask) -> Profile:
     if outcome.failed:
         raise ValueError(f"no profile from a failed solve: {outcome.error}")
+    return Profile.from_state(task.grid, task.driving, outcome.solution, outcome)
 
 
 def measure_response(task: ChannelTask) -> Response:

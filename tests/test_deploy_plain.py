@@ -2,6 +2,7 @@
 training on the real programs, and nothing a model file or a user passes can inject options."""
 from __future__ import annotations
 
+import functools
 import json
 import re
 import subprocess
@@ -18,6 +19,7 @@ from metasolve.app.predict import (OPTIONS_FILE, Delivery, delivery_path, needs_
                                    predict_table, run_predict, save_for_program, write_petsc_vector)
 from solvers import ArgumentFeatures, KSPOracle, LinearSystem, PETSc, ProgramTask
 from solvers.executable import ExecutableOracle, child_environment, linear_system_files
+from solvers.program_task import YoungOmega
 from solvers.program_task import parse_arguments as solvers_parse_arguments
 from tests.mpi_run import REPO_ROOT
 from tests.systems import poisson_2d
@@ -219,6 +221,36 @@ def test_a_run_that_sets_another_solver_is_refused(tmp_path, programs, capsys):
                        None, None, None, None) == 0  # the same solver, said again
 
 
+def test_the_delivery_records_the_training_solver_and_the_evaluation_budget(programs):
+    from solvers import IsolatedOracle
+    from solvers.budget import Budget
+
+    program = ExecutableOracle([str(programs / "heat_stepper")], options={**HEAT, "ksp_monitor": None},
+                               prefix="heat_", guess_flag="-u0")
+    delivery = Delivery.for_oracle(program, HEAT_FEATURES, budget=Budget(1e-8, max_it=500))
+    assert (delivery.prefix, delivery.guess_flag) == ("heat_", "-u0")
+    assert delivery.base_options == {"ksp_type": "richardson", "pc_type": "sor", "pc_sor_forward": "",
+                                     "ksp_norm_type": "unpreconditioned", "ksp_rtol": "1e-08", "ksp_atol": "0.0",
+                                     "ksp_divtol": "10000.0", "ksp_max_it": "500"}  # no monitor: it prints
+    isolated = IsolatedOracle(functools.partial(KSPOracle, ksp_type="cg", pc_type="jacobi", rtol=1e-7))
+    recorded = Delivery.for_oracle(isolated).base_options
+    assert recorded["ksp_type"] == "cg" and recorded["pc_type"] == "jacobi" and recorded["ksp_rtol"] == "1e-07"
+    assert Delivery.from_dict(delivery.to_dict()) == delivery
+
+
+def test_argument_features_with_a_textbook_feature_are_computed_as_in_training():
+    features = ArgumentFeatures(("n", "kappa"), ("kappa",), (YoungOmega(("da_grid_x", "da_grid_y"), -1),
+                                                             YoungOmega(("n",), 1, "omega_n")))
+    runs = [{"n": "12", "kappa": "0.5", "da_grid_x": "33", "da_grid_y": "17"},
+            {"n": "40", "kappa": "3", "da_grid_x": "9", "da_grid_y": "65"}]
+    plain = Delivery.from_dict(Delivery(features).to_dict()).features
+    np.testing.assert_allclose(plain.table(runs), np.stack([features(r).numpy() for r in runs]), rtol=1e-15)
+    with pytest.raises(ValueError, match="gives no grid spacing"):
+        plain.table([{**runs[0], "da_grid_x": "1"}])
+    with pytest.raises(ValueError, match="derived feature"):
+        Delivery({"names": ["n"], "derived": [{"kind": "python", "grid": ["n"]}]})
+
+
 def test_a_model_whose_training_an_options_file_cannot_carry_is_refused(tmp_path, capsys):
     meta = random_meta(Space({"pc_sor_omega": Interval(1.0, 1.95)}), width=3, depth=0)
     oracle = KSPOracle(ksp_type="richardson", pc_type="sor", ksp_factory=lambda A: PETSc.KSP().create())
@@ -354,6 +386,13 @@ def test_the_arguments_route_imports_neither_torch_nor_petsc(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "[]"
     assert (tmp_path / "one" / "x0.bin").is_file() and (tmp_path / "many" / "a" / OPTIONS_FILE).is_file()
+    command = subprocess.run([sys.executable, "-X", "importtime", "-m", "metasolve", "predict", str(tmp_path / "meta.pt"),
+                              "--out", str(tmp_path / "cli"), "--table", str(tmp_path / "runs.csv")],
+                             capture_output=True, text=True, cwd=REPO_ROOT, timeout=60)
+    assert command.returncode == 0, command.stderr
+    imported = [line.split("|")[-1].strip() for line in command.stderr.splitlines() if line.startswith("import time:")]
+    assert "metasolve.app.predict" in imported  # the command's own imports, as a job script runs it
+    assert not [m for m in imported if m.split(".")[0] in ("torch", "petsc4py", "mpi4py")]
 
 
 def test_plain_helpers_agree_with_the_solvers_they_stand_in_for():

@@ -64,7 +64,7 @@ def test_an_interval_never_decodes_onto_its_closed_end():
 
 def test_a_checkpoint_from_a_newer_format_is_refused(tmp_path):
     path = save_checkpoint(tmp_path, 3, {"step": 3})
-    assert load_checkpoint(path)["format_version"] == 1
+    assert load_checkpoint(path)["format_version"] == 2
     torch.save({"step": 3, "format_version": 99}, path)
     with pytest.raises(CheckpointError, match="format version 99"):
         load_checkpoint(path)
@@ -127,3 +127,20 @@ def test_run_reports_baselines_settings_and_failures(tmp_path):
     assert written["baselines"]["best constant"]["solves"] > 0
     assert "Per task" in (tmp_path / "out" / "report.md").read_text()
     assert all(math.isfinite(row["median_iterations"]) for row in result.summary)
+
+
+def test_petsc_options_nobody_read_are_named_with_the_way_to_monitor(tmp_path, caplog):
+    """`-- -ksp_monitor` reaches no training solve (they read a private prefix): say so and say
+    where monitoring options go."""
+    status = main(["train", str(tiny(tmp_path, steps=1)), "--out", str(tmp_path / "out"), "--quiet", "--",
+                   "-ksp_monitor", "-ksp_converged_reason"])
+    assert status == 0
+    assert "-ksp_converged_reason -ksp_monitor" in caplog.text and "[solver] options" in caplog.text
+
+
+def test_the_config_reference_page_is_the_schema():
+    """docs/config.md is generated (`metasolve config`): it cannot drift from the schema."""
+    from metasolve.app.config import config_reference
+
+    page = (REPO_ROOT / "docs" / "config.md").read_text()
+    assert config_reference() in page, "regenerate docs/config.md with `metasolve config`"

@@ -238,3 +238,24 @@ def test_patience_needs_held_out_measurements():
     trainer.patience = 2
     with pytest.raises(ValueError, match="patience = 2 needs held-out tasks"):
         trainer.fit(smooth_tasks(4), steps=2, batch_size=2)
+
+
+def test_the_diagnosis_solves_through_the_blackbox_and_counts_its_solves():
+    """No progress (the same weights before and after) gets its likely causes from two diagnosis
+    solves per held-out task; a failure with no report from the latest round is solved again,
+    counted as diagnosis too, to quote the solver."""
+    from metasolve.training.diagnosis import check_progress, failure_cause, held_out
+
+    trainer = make_trainer(control_variate=False)
+    box, tasks = trainer.blackbox, smooth_tasks(3, offset=200)
+    untrained = held_out(box, trainer.meta_solver, tasks)
+    report = check_progress(box, trainer.meta_solver, tasks, untrained, history=[{"loss": 1.0}])
+    assert report["relative_improvement"] == 0.0 and any("barely moved" in cause for cause in report["causes"])
+    assert (box.stats.solves, box.stats.evaluation_solves, box.stats.diagnosis_solves) == (0, 2 * 3, 2 * 3)
+
+    box.oracle = FailsFor({tasks[1].name})
+    theta = untrained["theta"]
+    assert box.last_failures == []
+    cause = failure_cause(box, tasks, theta)
+    assert f"Task {tasks[1].name!r}" in cause and "synthetic failure" in cause and "x0 = <vector of 31>" in cause
+    assert box.stats.diagnosis_solves == 2 * 3 + 3

@@ -259,17 +259,18 @@ def test_record_then_the_starter_config_trains(legacy_programs, tmp_path):
     from metasolve.app.run import run
 
     out = tmp_path / "rec"
-    for n, contrast in ((10, 0.5), (12, 1.0), (14, 1.5), (16, 0.8)):
+    for n, contrast in ((10, 0.5), (12, 1.0), (14, 1.5), (16, 0.8), (11, 0.3), (13, 1.2)):
         recording = record([str(legacy_programs / "legacy_solver"), "-n", str(n), "-contrast", str(contrast),
                             "-ksp_type", "richardson", "-pc_type", "sor", "-pc_sor_forward"], out)
-    assert recording.total_systems == 4 and recording.config == out / "train.toml"
+    assert recording.total_systems == 6 and recording.config == out / "train.toml"
     A, b = load_system(recording.systems[0])
-    assert A.shape == (256, 256) and b.shape == (256,)
+    assert A.shape == (169, 169) and b.shape == (169,)  # the last run: -n 13
     config = load_config(recording.config)
     assert config["problem"]["family"] == "recorded" and "pc_sor_omega" in config["space"]
-    assert (config["problem"]["train_tasks"], config["problem"]["eval_tasks"]) == (1, 1)
-    config = override(config, {"train.steps": 2, "train.batch_size": 2, "pretrain.enabled": False,
-                               "evaluate.constant_evaluations": 0}, str(recording.config))
+    # 6 systems: 1 evaluates (the last), 2 train, the 2 after them validate the supervised start
+    assert (config["problem"]["train_tasks"], config["problem"]["eval_tasks"]) == (2, 1)
+    config = override(config, {"train.steps": 2, "pretrain.search_solves": 4, "evaluate.constant_evaluations": 0},
+                      str(recording.config))
     result = run(config, tmp_path / "run", quiet=True)
-    assert result.evaluation["learned"]["tasks"] == ["recorded-r0003-s0000"]
+    assert result.evaluation["learned"]["tasks"] == ["recorded-r0005-s0000"]
     assert not any(result.evaluation["learned"]["failed"]) and result.files["model"].is_file()

@@ -104,8 +104,11 @@ def _solve_command(args: argparse.Namespace, petsc_args: list[str]) -> int:
     # The meta-solver and surrogate are small; the solves are the work. One torch thread per
     # process keeps torch from contending with PETSc and with the other ranks for the cores.
     torch.set_num_threads(1)
+    given: list[str] = []
     try:
+        before = set(PETSc.Options().getAll())
         insert_options(petsc_args)
+        given = sorted(set(PETSc.Options().getAll()) - before)  # from the command line and its -options_file
         if args.command == "train":
             config = load_config(args.config)
             run(config, args.out or Path(config["train"]["out"]), resume=args.resume, quiet=args.quiet,
@@ -116,6 +119,7 @@ def _solve_command(args: argparse.Namespace, petsc_args: list[str]) -> int:
             from metasolve.app.showcase import demo
 
             demo(args.out)
+        _warn_unread(given)
     except (ConfigError, RunDirectoryError) as error:
         kind = "config error: " if isinstance(error, ConfigError) else ""
         print(f"metasolve: {kind}{error}", file=sys.stderr)
@@ -127,6 +131,24 @@ def _solve_command(args: argparse.Namespace, petsc_args: list[str]) -> int:
         print(f"metasolve: {stop}; continue with --resume", file=sys.stderr)
         return stop.status
     return 0
+
+
+# Options PETSc reads at initialisation or at exit, never through an object's setFromOptions.
+_READ_OUTSIDE_SOLVES = ("options_file", "log_", "malloc", "info", "help", "options_left", "no_signal_handler")
+
+
+def _warn_unread(names: list[str]) -> None:
+    """PETSc ignores an option nobody read, silently: `metasolve train cfg -- -ksp_monitor` once
+    printed nothing, because the training solves read options under a private prefix."""
+    from solvers.options import unused_options
+
+    unread = unused_options("", [n for n in names if not n.startswith(_READ_OUTSIDE_SOLVES)])
+    if unread:
+        logging.getLogger("metasolve").warning(
+            "PETSc options given on the command line that no solve read: %s. Training solves read their "
+            "options under a private prefix; to monitor or view them, put the options in the config's "
+            "[solver] options (e.g. options = \"-ksp_monitor -ksp_converged_reason\").",
+            " ".join(f"-{n}" for n in unread))
 
 
 def _exit_on_signals() -> None:

@@ -25,17 +25,65 @@ _ARGUMENT = re.compile(r"^-?[A-Za-z][A-Za-z0-9_]*$")
 
 @dataclass(frozen=True)
 class ArgumentSpec:
-    """Which program arguments are the features, and which enter as logarithms (the plain data of
-    `solvers.program_task.ArgumentFeatures`, evaluated with numpy)."""
+    """Which program arguments are the features, which enter as logarithms, and the textbook
+    features derived from them: the plain data of `solvers.program_task.ArgumentFeatures`,
+    evaluated without torch (a derived feature by its `kind`, see `young_omega`)."""
 
     names: tuple[str, ...]
     log: tuple[str, ...] = ()
+    derived: tuple[dict, ...] = ()
+
+    @classmethod
+    def from_data(cls, data: Mapping[str, Any]) -> "ArgumentSpec":
+        try:
+            spec = cls(tuple(data["names"]), tuple(data.get("log", ())),
+                       tuple(dict(d) for d in data.get("derived", ())))
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"Delivery.features: malformed ({error!r})") from None
+        if not (spec.names or spec.derived) or not set(spec.log) <= set(spec.names) or any(
+                not isinstance(n, str) or not _ARGUMENT.match(n) for n in spec.names):
+            raise ValueError(f"Delivery.features: bad argument names {spec.names!r} / log {spec.log!r}")
+        for feature in spec.derived:
+            grid = feature.get("grid")
+            if (feature.get("kind") != "young_omega" or not isinstance(grid, list) or not 1 <= len(grid) <= 2
+                    or not all(isinstance(g, str) for g in grid) or not isinstance(feature.get("offset", -1), int)):
+                raise ValueError(f"Delivery.features: unknown or malformed derived feature {feature!r} "
+                                 "(known: young_omega with grid = [names], offset)")
+        return spec
 
     def table(self, runs: Sequence[Mapping[str, str]]) -> np.ndarray:
-        return argument_features(self.names, self.log, runs)
+        columns = argument_features(self.names, self.log, runs)
+        if not self.derived:
+            return columns
+        derived = np.array([[young_omega(f["grid"], f.get("offset", -1), f.get("name", "young_omega"), run)
+                             for f in self.derived] for run in runs], dtype=np.float64)
+        return np.hstack([columns, derived.reshape(len(runs), len(self.derived))])
 
-    def to_dict(self) -> dict[str, list[str]]:
-        return {"names": list(self.names), "log": list(self.log)}
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"names": list(self.names), "log": list(self.log)}
+        if self.derived:
+            data["derived"] = [dict(d) for d in self.derived]
+        return data
+
+
+def young_omega(grid: Sequence[str], offset: int, name: str, arguments: Mapping[str, str]) -> float:
+    """`solvers.program_task.YoungOmega` without torch (that module loads it): Young's ω* of the
+    5-point Laplacian on the grid the arguments give, ω* = 2/(1 + √(1 − ρ_J²))."""
+    spacings = []
+    for axis in grid:
+        if axis not in arguments:
+            raise ValueError(f"the program arguments lack -{axis} (feature {name!r} needs it)")
+        try:
+            points = float(arguments[axis])
+        except (TypeError, ValueError):
+            raise ValueError(f"argument -{axis} = {arguments[axis]!r} is not a number") from None
+        if not (math.isfinite(points) and points + offset > 1):
+            raise ValueError(f"argument -{axis} = {arguments[axis]!r} gives no grid spacing "
+                             f"h = 1/({points:g} + {offset}) in (0, 1) (feature {name!r})")
+        spacings.append(1.0 / (points + offset))
+    hx, hy = spacings[0], spacings[-1]
+    rho = (hy ** 2 * math.cos(math.pi * hx) + hx ** 2 * math.cos(math.pi * hy)) / (hx ** 2 + hy ** 2)
+    return 2.0 / (1.0 + math.sqrt(max(0.0, 1.0 - rho ** 2)))
 
 
 @dataclass(frozen=True)
@@ -60,14 +108,7 @@ class Delivery:
     def __post_init__(self) -> None:
         if self.features is not None:
             data = self.features.to_dict() if not isinstance(self.features, Mapping) else self.features
-            try:
-                spec = ArgumentSpec(tuple(data["names"]), tuple(data.get("log", ())))
-            except (KeyError, TypeError) as error:
-                raise ValueError(f"Delivery.features: malformed ({error!r})") from None
-            if not spec.names or not set(spec.log) <= set(spec.names) or any(
-                    not isinstance(n, str) or not _ARGUMENT.match(n) for n in spec.names):
-                raise ValueError(f"Delivery.features: bad argument names {spec.names!r} / log {spec.log!r}")
-            object.__setattr__(self, "features", spec)
+            object.__setattr__(self, "features", ArgumentSpec.from_data(data))
         check_prefix(self.prefix)
         check_flag(self.guess_flag)
         if self.base_options is not None:
@@ -82,23 +123,32 @@ class Delivery:
             raise ValueError(f"Delivery.unreproducible must be a string, got {self.unreproducible!r}")
 
     @classmethod
-    def for_oracle(cls, oracle: Any, features: Any = None, prefix: str | None = None) -> "Delivery":
+    def for_oracle(cls, oracle: Any, features: Any = None, prefix: str | None = None,
+                   budget: Any = None) -> "Delivery":
         """The delivery of a model trained through `oracle`: its options, prefix and guess flag.
 
-        An `ExecutableOracle` gives them all; a `KSPOracle` gives its solver (type, tolerances,
-        norm, options) for a program that reads them from the database under `prefix`; a KSP
-        built by `ksp_factory` is recorded as unreproducible (its set-up is code, not options).
-        Monitor and viewer options of the training are left out: they print, and the monitor
-        Richardson needs is added by `predict` itself.
+        An `ExecutableOracle` gives them all; a `KSPOracle` (also inside an `IsolatedOracle`)
+        gives its solver (type, tolerances, norm, options) for a program that reads them from the
+        database under `prefix`; a KSP built by `ksp_factory` is recorded as unreproducible (its
+        set-up is code, not options). `budget` (a `solvers.budget.Budget`: the evaluation cost's)
+        is where the solves it judged stopped, so its `ksp_rtol/atol/max_it` go in too, over the
+        oracle's (a Newton budget is an absolute tolerance per task: no options file holds it, so
+        the program's own Newton tolerances stay). Monitor and viewer options of the training are
+        left out: they print, and the monitor Richardson needs is added by `predict` itself.
         """
+        from solvers.budget import linear_options
         from solvers.executable import ExecutableOracle
+        from solvers.isolated import IsolatedOracle
         from solvers.ksp import KSPOracle
         from solvers.options import split_setting
 
+        if isinstance(oracle, IsolatedOracle):
+            return cls.for_oracle(oracle.factory(), features, prefix, budget)
+        linear = True
         if isinstance(oracle, ExecutableOracle):
             options, unreproducible = split_setting({}, oracle.options).options, ""
             prefix = oracle.prefix if prefix is None else prefix
-            flag = oracle.guess_flag
+            flag, linear = oracle.guess_flag, oracle.count == "linear"
         elif isinstance(oracle, KSPOracle):
             options = {"ksp_type": oracle.ksp_type, "pc_type": oracle.pc_type, "ksp_rtol": format_value(oracle.rtol),
                        "ksp_atol": format_value(oracle.atol), "ksp_divtol": format_value(oracle.divtol),
@@ -110,6 +160,8 @@ class Delivery:
         else:
             raise ValueError(f"Delivery.for_oracle: cannot read the training solver of a {type(oracle).__name__}; "
                              "give Delivery(features, prefix, guess_flag, base_options={...}) explicitly")
+        if budget is not None and linear:
+            options = {**options, **split_setting({}, linear_options(budget)).options}
         kept = {name: text for name, text in options.items() if _is_solver_setting(name)}
         return cls(features, prefix or "", flag, kept, unreproducible=unreproducible)
 

@@ -48,9 +48,9 @@ class Experiment:
         if solver["kind"] != "executable":
             self.meta_solver.save(path)
             return
-        from metasolve.app.predict import Delivery, save_for_program
+        from metasolve.app.delivery import Delivery, save_for_program
 
-        save_for_program(path, self.meta_solver, Delivery.for_program(self.family, solver))
+        save_for_program(path, self.meta_solver, Delivery.for_oracle(self.blackbox.oracle, self.family.features))
 
 
 def check_buildable(config: dict) -> None:
@@ -273,7 +273,7 @@ def build_experiment(config: dict, executor: Any) -> Experiment:
                       seed=train["seed"], scheduler=build_schedule(train, optimizer), reference=reference,
                       reference_every=train["reference_every"], max_failed_fraction=train["max_failed_fraction"],
                       failure_window=train["failure_window"], surrogate_steps=train["surrogate_steps"],
-                      loss=LOSSES[train["loss"]])
+                      loss=LOSSES[train["loss"]], patience=train["patience"])
     evaluation = RelativeError() if config["cost"]["kind"] == "log_error" else \
         Iterations(config["evaluate"]["rtol"], config["evaluate"]["max_it"])
     untrained = copy.deepcopy(meta_solver) if config["model"]["anchor"] else None

@@ -39,7 +39,7 @@ GUESS = "x0"
 
 _OPTION_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_VALUE_TOKEN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
+_VALUE_TOKEN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.,+-]*$")
 _PREFIX = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 _FLAG = re.compile(r"^-[A-Za-z][A-Za-z0-9_]*$")
 _FORBIDDEN_WORDS = frozenset({"options", "view", "viewer", "monitor", "log", "draw", "python", "debugger", "dump",
@@ -79,7 +79,7 @@ def check_value(value: Any, where: str) -> Any:
     if isinstance(value, str) and _VALUE_TOKEN.match(value):
         return value
     raise ValueError(f"{where}: option value {value!r} is not a plain PETSc value (one token of letters, "
-                     "digits, '_', '.', '+', '-'): refused, it could carry other options into an options file")
+                     "digits, '_', '.', ',', '+', '-'): refused, it could carry other options into an options file")
 
 
 def check_prefix(prefix: str) -> str:

@@ -15,10 +15,11 @@ test (rich.c; every training run had one). What cannot be reproduced is refused 
 The loop, end to end (`examples/legacy_solver/README.md` runs it on `heat_stepper`):
 
 1. train through the program (`ExecutableOracle`) on tasks given as its own arguments, then
-   `save_for_program(model, meta, Delivery.for_oracle(oracle, features))`: the meta-solver
-   (`MetaSolver.save`: a torch file and its plain-array twin `<stem>.plain.npz`) and, beside it,
-   `<stem>.delivery.json` saying which arguments are the features, the program's options prefix
-   and the training solver's options;
+   `save_for_program(model, meta, Delivery.for_oracle(oracle, features))` (as `metasolve train`
+   does): the meta-solver (`MetaSolver.save`: a torch file and its
+   plain-array twin `<stem>.plain.npz`) and, beside it, `<stem>.delivery.json`
+   (`metasolve.app.delivery`) saying which arguments are the features, the program's options
+   prefix and the training solver's options;
 2. `metasolve predict model.pt --out job -- -n 48 -kappa 0.3 -dt 0.01` computes the features of
    this run from the same arguments and writes `job/metasolve.opts` (and `job/x0.bin`);
    `--table runs.csv` does that for many runs in one call (`job/<id>/metasolve.opts`);

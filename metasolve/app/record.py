@@ -159,6 +159,22 @@ def record(command: Sequence[str], out: str | Path, prefix: str = "", timeout: f
     return Recording(run, systems, total, config, ksp_type, pc_type, seconds)
 
 
+def run_record(command: Sequence[str], out: str | Path, prefix: str = "") -> int:
+    """`metasolve record --out DIR -- ./app ARGS`: `record`, its errors as one line and an exit code
+    (2: the command line is wrong; 1: the program failed or solved nothing under `prefix`)."""
+    import sys
+
+    try:
+        record(command, out, prefix=prefix, quiet=False)
+    except ValueError as error:
+        print(f"metasolve record: {error}", file=sys.stderr)
+        return 2
+    except RuntimeError as error:
+        print(f"metasolve {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _arguments(tokens: Sequence[str]) -> dict[str, str]:
     try:
         return parse_arguments(tokens)
@@ -216,4 +232,4 @@ def write_starter_config(out: Path, systems: int, ksp_type: str, pc_type: str, s
     return path
 
 
-__all__ = ["Recording", "record", "split_binary", "write_starter_config"]
+__all__ = ["Recording", "record", "run_record", "split_binary", "write_starter_config"]

@@ -140,9 +140,8 @@ def _run(config: dict, out: Path, record: dict, executor: Any, resume: bool, qui
     result = RunResult(experiment, evaluation, summary, train_seconds, solves, kept)
     if executor.is_root:
         result.files = _write(out, experiment, result, history, spent)
-        if not quiet:
-            print(markdown_table(summary))
-            print(f"metasolve: report {result.files['report']}, meta-solver {result.files['model']}")
+        print(markdown_table(summary))
+        print(f"metasolve: report {result.files['report']}, meta-solver {result.files['model']}", flush=True)
     return result
 
 

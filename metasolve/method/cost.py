@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from solvers._petsc import PETSc
 from solvers.budget import ROUND_OFF, Budget, linear_options, reference_norm
 from solvers.monitor_parser import LinearSolve, NonlinearSolve
 from solvers.outcome import Outcome
@@ -53,8 +54,8 @@ logger = logging.getLogger(__name__)
 
 _CHECKED_NORMS = ("unpreconditioned", "function")
 """Norm types whose recorded history is the norm the costs divide by the reference."""
-KSP_CONVERGED_ITS = 4
-"""KSPConvergedReason KSP_CONVERGED_ITS: stopped after max_it with no test (Richardson's fast path)."""
+KSP_CONVERGED_ITS = int(PETSc.KSP.ConvergedReason.CONVERGED_ITS)
+"""Stopped after max_it with no test (Richardson's fast path): a reason > 0 that is no tolerance reached."""
 
 
 def linear_solves(solves: Sequence[Any]) -> list[LinearSolve]:
@@ -224,7 +225,8 @@ class ResidualArea(BudgetedCost):
 
     def __init__(self, rtol: float, max_it: int = 1000, decades: float = 2.0, stop: bool = True) -> None:
         """`stop=False` leaves the oracle's own stopping test alone (e.g. a Newton solve that
-        converges in a few steps anyway); the floor then only shapes the value."""
+        converges in a few steps anyway; `budget` is None and nothing is checked); the floor then
+        only shapes the value."""
         if not 0 < rtol < 1:
             raise ValueError(f"ResidualArea needs 0 < rtol < 1, got {rtol}")
         if max_it < 1 or not decades >= 0:

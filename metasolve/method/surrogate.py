@@ -220,6 +220,13 @@ class Surrogate:
                       for start in range(0, theta.shape[0], self.chunk_rows)]
         return torch.cat(chunks) if chunks else theta.new_zeros(theta.shape, dtype=torch.float64)
 
+    def update(self, features: torch.Tensor, theta: torch.Tensor, values: torch.Tensor,
+               tangents: torch.Tensor, derivatives: torch.Tensor) -> None:
+        """`steps` optimizer steps on what the solver already produced (no extra solves), here and
+        now: `trained` then `adopt` on this rank (an estimator defers the two, see `ControlVariate`)."""
+        current = self.batch_of(features, theta, values, tangents, derivatives)
+        self.adopt(current, self.trained(current))
+
     @staticmethod
     def batch_of(features: torch.Tensor, theta: torch.Tensor, values: torch.Tensor, tangents: torch.Tensor,
                  derivatives: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -19,8 +19,9 @@ import torch
 _NAME = re.compile(r"^checkpoint-(\d+)\.pt$")
 _TEMPORARY = ".checkpoint-*.tmp"
 log = logging.getLogger("metasolve")
-FORMAT_VERSION = 1
-"""Written into every checkpoint; a file from a newer metasolve is refused, not misread."""
+FORMAT_VERSION = 2
+"""Written into every checkpoint; a file of another format is refused by name, not misread.
+2: the estimator's pending deferred work and the early-stopping state are part of the state."""
 
 
 class CheckpointError(ValueError):
@@ -98,9 +99,11 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if not isinstance(state, dict) or "step" not in state:
         raise CheckpointError(f"{path}: not a metasolve checkpoint (no 'step')")
     version = state.get("format_version", 0)  # 0: written before versions were recorded
-    if not isinstance(version, int) or not 0 <= version <= FORMAT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint format version {version!r}, this metasolve reads up to "
-                              f"{FORMAT_VERSION}: it was written by a newer metasolve")
+    if version != FORMAT_VERSION:
+        newer = isinstance(version, int) and version > FORMAT_VERSION
+        raise CheckpointError(f"{path}: checkpoint format version {version!r}, this metasolve reads version "
+                              f"{FORMAT_VERSION}: it was written by {'a newer' if newer else 'an older'} metasolve; "
+                              f"start a new run (--overwrite) or use the metasolve that wrote it")
     return state
 
 

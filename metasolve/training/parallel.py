@@ -16,6 +16,16 @@ Two schedules decide who solves what:
   by 10x and more (grid sizes, iteration counts); with contiguous blocks the rank that drew the
   slow block makes every other rank wait at the all-gather. LPT's makespan is at most
   4/3 − 1/(3P) of the optimum, and within one item's cost of the mean load.
+
+Rounds too short to share. Sharing a round saves (total − makespan) seconds of solving and costs
+the exchange: the all-gather and the wait for the slowest worker, measured on every rank as the
+round's wall time minus its own work and carried, one round late, in the next all-gather (so
+every rank holds the same number). When the expected saving is below that overhead, every rank
+computes every item itself — no message at all, the same results bit for bit, since `fn(item)`
+depends on the item alone — and the job runs at the one-rank speed instead of below it. Timings
+are not updated in such a round (they would differ between ranks); every `REFRESH`-th replicated
+round is shared again to re-measure. Decisions use only numbers every rank holds, so all ranks
+decide alike.
 """
 from __future__ import annotations
 
@@ -35,6 +45,8 @@ Item = TypeVar("Item")
 Result = TypeVar("Result")
 
 SCHEDULES = ("static", "balanced")
+REFRESH = 8
+"""A replicated round is shared again after this many, to re-measure what sharing costs."""
 
 
 def block(n_items: int, n_workers: int, worker: int) -> range:
@@ -136,6 +148,22 @@ class MPIExecutor:
         self.solve_comm = PETSc.COMM_SELF if group_size == 1 else PETSc.Comm(self.group)
         self.expected_seconds: dict[Hashable, float] = {}
         self.item_seconds: list[float] = []
+        self.overhead = 0.0  # seconds a shared round spends beyond its work (max over ranks, smoothed)
+        self.replicated_rounds = 0  # how many rounds ran replicated since the last shared one (and in all)
+        self.total_replicated = 0
+        self._last_overhead = 0.0  # this rank's overhead in its last shared round, sent with the next
+
+    def replicate(self, n_items: int, keys: Sequence[Hashable] | None) -> bool:
+        """Whether every rank should compute every item of this round itself (see the module
+        docstring): only with the balanced schedule, keys whose costs are all known, and a
+        measured overhead larger than what sharing would save."""
+        if self.schedule != "balanced" or keys is None or self.workers == 1 or not self.overhead:
+            return False
+        if any(key not in self.expected_seconds for key in keys) or self.replicated_rounds >= REFRESH:
+            return False
+        costs = [self.expected_seconds[key] for key in keys]
+        loads = [sum(costs[i] for i in owned) for owned in longest_first(costs, self.workers)]
+        return sum(costs) - max(loads) < self.overhead
 
     def assignment(self, n_items: int, keys: Sequence[Hashable] | None = None) -> list[list[int]]:
         """Item indices per worker for a `map` over `n_items` items with these `keys`."""
@@ -158,6 +186,10 @@ class MPIExecutor:
         items = list(items)
         if keys is not None and len(keys) != len(items):
             raise ValueError(f"map got {len(items)} items but {len(keys)} keys")
+        if self.replicate(len(items), keys):
+            return self._replicated(fn, items)
+        self.replicated_rounds = 0
+        round_begin = time.perf_counter()
         owned = self.assignment(len(items), keys)[self.worker]
         results, seconds, error = [], [], None
         for index in owned:
@@ -167,23 +199,40 @@ class MPIExecutor:
             except Exception as exc:
                 error = (self.rank, index, type(exc).__name__, str(exc), traceback.format_exc())
             seconds.append(time.perf_counter() - begin)
-            if self.group.allreduce(error is not None, op=MPI.LOR):
+            if self.group_size > 1 and self.group.allreduce(error is not None, op=MPI.LOR):
+                break
+            if error is not None:
                 break
         is_leader = self.group.Get_rank() == 0
-        gathered = self.comm.allgather(((owned, results, seconds) if is_leader else None, error))
-        errors = [error for _, error in gathered if error is not None]
+        gathered = self.comm.allgather(((owned, results, seconds) if is_leader else None, error, self._last_overhead))
+        self._last_overhead = time.perf_counter() - round_begin - sum(seconds)
+        previous = max(overhead for *_, overhead in gathered)
+        self.overhead = previous if not self.overhead else 0.5 * (self.overhead + previous)
+        errors = [error for _, error, _ in gathered if error is not None]
         if errors:
             rank, index, kind, message, text = min(errors, key=lambda e: (e[1], e[0]))
             raise RemoteError(rank, index, kind, message) from _RemoteTraceback(text)
         placed: list[Any] = [None] * len(items)
         self.item_seconds = [0.0] * len(items)
-        for contribution, _ in gathered:
+        for contribution, _, _ in gathered:
             if contribution is not None:
                 for index, result, spent in zip(*contribution):
                     placed[index], self.item_seconds[index] = result, spent
         if keys is not None:
             self.expected_seconds.update(zip(keys, self.item_seconds))
         return placed
+
+    def _replicated(self, fn: Callable[[Item], Result], items: list[Item]) -> list[Result]:
+        """Every item on every rank, no message: an exception is the same on every rank (the
+        same item fails alike everywhere), so it is raised as the serial executor raises it."""
+        self.replicated_rounds += 1
+        self.total_replicated += 1
+        results, self.item_seconds = [], []
+        for item in items:
+            begin = time.perf_counter()
+            results.append(fn(item))
+            self.item_seconds.append(time.perf_counter() - begin)  # this rank's own: informational only
+        return results
 
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's `obj` on every rank (e.g. a checkpoint only the root has read)."""

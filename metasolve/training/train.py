@@ -336,7 +336,8 @@ class Trainer:
         theta.register_hook(estimate.append)
         loss = self.loss(self.blackbox(theta, batch))
         self.optimizer.zero_grad()
-        with stage("metasolve: gradient estimate + surrogate update"):  # (the update: deferred work of the next round)
+        # The stage keeps the name -log_view readers know; the update itself now runs in the next round.
+        with stage("metasolve: gradient estimate + surrogate update"):
             loss.backward()
         with stage("metasolve: network"):
             self.optimizer.step()
