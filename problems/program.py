@@ -19,7 +19,7 @@ they are given, so run i is a pure function of (seed, i) like every family) or f
     rho = {log_uniform = [0.01, 100.0]}
     nu = {uniform = [0.05, 0.5]}
     bc_type = "dirichlet"               # a constant: every run gets it
-    [problem.params.features]           # optional: default = every drawn number, logs of log_uniform ones
+    [problem.params.features]           # optional: default = every drawn number (not copies), logs of log-drawn ones
     names = ["da_grid_x", "rho", "nu"]
     log = ["da_grid_x", "rho"]
     young_omega = {grid = ["da_grid_x", "da_grid_y"], offset = -1}   # h = 1/(n + offset)
@@ -113,7 +113,7 @@ class ProgramFamily(Family):
         if self.table is not None and name in self.table[0]:
             return True
         spec = self.arguments.get(name)
-        return isinstance(spec, dict)
+        return isinstance(spec, dict) and "same_as" not in spec  # a copy adds no information
 
     def _is_log(self, name: str) -> bool:
         spec = self.arguments.get(name)

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from solvers._petsc import PETSc, stage
+from solvers._petsc import MPI, PETSc, stage
 from solvers.budget import Budget, linear_options
 from solvers.linear_system import LinearSystem, gather
 from solvers.options import (check_used, libpetsc, needs_monitor, prefixed_options, split_setting, unique_prefix,
@@ -73,6 +73,54 @@ def warn_if_trapped(ksp: PETSc.KSP, options: Mapping[str, Any]) -> None:
         ksp.getPC().getType(), ksp.getPC().getType(), ksp.getTolerances()[3], prefix)
 
 
+class Deadline:
+    """A KSP convergence test that ends a solve still iterating after `seconds` (DIVERGED_USER).
+
+    A Python callback on purpose: PETSc's C loop never returns to the interpreter, so without
+    one a hung solve ignores SIGTERM and SIGINT (Python only runs its signal handlers between
+    bytecodes); inside this test they run every iteration, and a handler that raises (the CLI's
+    exit with 128 + signal, a second SIGINT) ends the solve (`KSPOracle._solve_one` re-raises it).
+    It runs before PETSc's own test and otherwise says "keep iterating", so a solve that ends in
+    time is bitwise the solve without it. On more than one rank the ranks decide together (one
+    small allreduce per check), else one rank would leave a collective iteration the others stay in.
+    The clock starts at `start()`; the preconditioner's setup is not timed.
+    """
+
+    def __init__(self, seconds: float, comm: PETSc.Comm) -> None:
+        self.seconds = float(seconds)
+        self.mpi = comm.tompi4py() if comm.getSize() > 1 else None
+        self.began, self.expired = 0.0, False
+
+    def start(self) -> None:
+        self.began, self.expired = time.perf_counter(), False
+
+    def __call__(self, ksp: PETSc.KSP, iteration: int, rnorm: float) -> int | None:
+        late = time.perf_counter() - self.began > self.seconds
+        if self.mpi is not None:
+            late = self.mpi.allreduce(late, op=MPI.LOR)
+        if not late:
+            return None
+        self.expired = True
+        return PETSc.KSP.ConvergedReason.DIVERGED_USER
+
+    def attach(self, ksp: PETSc.KSP) -> None:
+        """Run before the KSP's own convergence test (a Python one set by a `ksp_factory` included)."""
+        own = ksp.getConvergenceTest()
+        if own is None:
+            ksp.addConvergenceTest(self, prepend=True)
+            return
+        test, args, kargs = own
+        ksp.setConvergenceTest(lambda k, i, r: self(k, i, r) or test(k, i, r, *args, **kargs))
+
+
+def _signal_ended(error: PETSc.Error) -> BaseException | None:
+    """The SystemExit/KeyboardInterrupt a signal handler raised inside a Python callback of the
+    solve, which petsc4py hands back as the cause of a PETSc error: it must end the run, not
+    become a failed solve."""
+    cause = error.__cause__
+    return cause if isinstance(cause, BaseException) and not isinstance(cause, Exception) else None
+
+
 def norm_name(ksp: PETSc.KSP) -> str:
     """The KSP's residual norm as a word ("preconditioned", "unpreconditioned", ...)."""
     return _NORM_NAMES.get(ksp.getNormType(), str(ksp.getNormType()))
@@ -96,6 +144,11 @@ class KSPOracle(Oracle):
     copied (a DM, a separate preconditioning matrix, fieldsplit index sets): called once per
     group of settings with the task's operator, it returns a configured KSP; the setting's
     options then go under that KSP's own prefix, exactly as in deployment.
+
+    `timeout` (seconds per solve, None: no limit) ends a solve that iterates longer as a failed
+    Outcome saying so, and lets SIGTERM/SIGINT reach Python during a solve (`Deadline`). Only
+    the iterations are timed: a hang inside one preconditioner application or setup is out of
+    its reach (`solvers.isolated.IsolatedOracle` kills those).
     """
 
     def __init__(
@@ -112,6 +165,7 @@ class KSPOracle(Oracle):
         comm: PETSc.Comm | None = None,
         return_solution: bool = False,
         ksp_factory: KSPFactory | None = None,
+        timeout: float | None = None,
     ) -> None:
         if norm_type not in NORM_TYPES:
             raise ValueError(f"KSPOracle: norm_type {norm_type!r} is not one of {sorted(NORM_TYPES)}")
@@ -119,6 +173,8 @@ class KSPOracle(Oracle):
             raise ValueError(f"KSPOracle: pc_side {pc_side!r} is not one of {sorted(PC_SIDES)}")
         if ksp_factory is not None and not callable(ksp_factory):
             raise ValueError("KSPOracle: ksp_factory must be a callable A -> KSP")
+        if timeout is not None and not timeout > 0:
+            raise ValueError(f"KSPOracle: timeout must be > 0 seconds (or None), got {timeout!r}")
         self.ksp_type = ksp_type
         self.pc_type = pc_type
         self.rtol, self.atol, self.divtol, self.max_it = float(rtol), float(atol), float(divtol), int(max_it)
@@ -127,6 +183,7 @@ class KSPOracle(Oracle):
         self.comm = comm if comm is not None else PETSc.COMM_SELF
         self.return_solution = return_solution
         self.ksp_factory = ksp_factory
+        self.timeout = None if timeout is None else float(timeout)
         self.prefix = unique_prefix("ms")
 
     @classmethod
@@ -278,14 +335,19 @@ class KSPOracle(Oracle):
                     with stage("oracle setup"):
                         self._set_up(ksp)
                 except PETSc.Error as error:
+                    if (interrupt := _signal_ended(error)) is not None:
+                        raise interrupt from None
                     message = f"PETSc error during KSP setup ({ksp.getType()}/{ksp.getPC().getType()}): {error}"
                     return [Outcome.failure(message, seconds=time.perf_counter() - start) for _ in guesses]
                 setup_seconds, setup_flops = time.perf_counter() - start, self._flops() - flops
                 x = A.createVecRight()
+                deadline = Deadline(self.timeout, ksp.getComm()) if self.timeout is not None else None
+                if deadline is not None:
+                    deadline.attach(ksp)
                 outcomes = []
                 for i, x0 in enumerate(guesses):
                     with stage("oracle solve"):
-                        outcomes.append(self._solve_one(ksp, b, x, x0, setup_seconds, setup_flops))
+                        outcomes.append(self._solve_one(ksp, b, x, x0, setup_seconds, setup_flops, deadline))
                     if i == 0:
                         check_used(prefix, options, f"ksp_type={ksp.getType()} pc_type={ksp.getPC().getType()}")
                 return outcomes
@@ -298,7 +360,7 @@ class KSPOracle(Oracle):
         return local if self.comm.getSize() == 1 else self.comm.tompi4py().allreduce(local)
 
     def _solve_one(self, ksp: PETSc.KSP, b: PETSc.Vec, x: PETSc.Vec, x0: np.ndarray | None,
-                   setup_seconds: float, setup_flops: float) -> Outcome:
+                   setup_seconds: float, setup_flops: float, deadline: Deadline | None = None) -> Outcome:
         if x0 is None:
             x.zeroEntries()
             ksp.setInitialGuessNonzero(False)
@@ -307,9 +369,13 @@ class KSPOracle(Oracle):
             x.setArray(x0[start:end])
             ksp.setInitialGuessNonzero(True)
         flops, begin = self._flops(), time.perf_counter()
+        if deadline is not None:
+            deadline.start()
         try:
             ksp.solve(b, x)
         except PETSc.Error as error:
+            if (interrupt := _signal_ended(error)) is not None:
+                raise interrupt from None
             return Outcome.failure(f"PETSc error in KSPSolve: {error}", seconds=time.perf_counter() - begin)
         seconds = time.perf_counter() - begin
         reason = int(ksp.getConvergedReason())
@@ -325,13 +391,16 @@ class KSPOracle(Oracle):
             norm_type=norm_name(ksp),
             flops=self._flops() - flops,
             setup_flops=setup_flops,
+            error=f"timed out after {self.timeout:g} s (solver.timeout), at iteration {ksp.getIterationNumber()}"
+            if deadline is not None and deadline.expired else None,
         )
 
     def __repr__(self) -> str:
         if self.ksp_factory is not None:
             return f"KSPOracle(ksp_factory={self.ksp_factory!r}, options={self.options})"
         return (f"KSPOracle(ksp_type={self.ksp_type!r}, pc_type={self.pc_type!r}, rtol={self.rtol}, "
-                f"max_it={self.max_it}, norm_type={self.norm_type!r}, options={self.options})")
+                f"max_it={self.max_it}, norm_type={self.norm_type!r}, options={self.options}"
+                + (f", timeout={self.timeout:g})" if self.timeout is not None else ")"))
 
 
 def operators_if_set(ksp: PETSc.KSP) -> tuple[PETSc.Mat, PETSc.Mat] | None:

@@ -132,8 +132,14 @@ def test_run_reports_baselines_settings_and_failures(tmp_path):
 def test_petsc_options_nobody_read_are_named_with_the_way_to_monitor(tmp_path, caplog):
     """`-- -ksp_monitor` reaches no training solve (they read a private prefix): say so and say
     where monitoring options go."""
-    status = main(["train", str(tiny(tmp_path, steps=1)), "--out", str(tmp_path / "out"), "--quiet", "--",
-                   "-ksp_monitor", "-ksp_converged_reason"])
+    from solvers._petsc import PETSc
+
+    try:
+        status = main(["train", str(tiny(tmp_path, steps=1)), "--out", str(tmp_path / "out"), "--quiet", "--",
+                       "-ksp_monitor", "-ksp_converged_reason"])
+    finally:
+        for name in ("-ksp_monitor", "-ksp_converged_reason"):
+            PETSc.Options().delValue(name)
     assert status == 0
     assert "-ksp_converged_reason -ksp_monitor" in caplog.text and "[solver] options" in caplog.text
 

@@ -239,6 +239,12 @@ def _check_across_sections(raw: dict, config: dict, source: str) -> None:
             raise ConfigError(f"{source}: solver.options {option} = {value!r} is not a valid "
                               f"{'number' if types is _NUMBER else types.__name__}") from None
         solver[key] = _check_section("solver", source, {key: converted}, {key: SCHEMA["solver"][key]})[key]
+    if solver["kind"] == "executable":  # a program reads its solver from the options database
+        for key in ("ksp_type", "pc_type"):
+            if given.get(key, SCHEMA["solver"][key][1]) != SCHEMA["solver"][key][1]:
+                raise ConfigError(f"{source}: solver.{key} = {given[key]!r} does not reach a program (kind = "
+                                  f"'executable'), which reads its solver from its options database: give it as "
+                                  f"solver.options = \"-{key} {given[key]} ...\"")
     for name, value in solver["options"].items():
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{source}: solver.options {name} must be finite, got {value!r}")

@@ -38,19 +38,21 @@ class Experiment:
     textbook formula exactly, the baseline the report compares with."""
 
     def save_model(self, path: Path) -> None:
-        """The deployable predictor; for a program (`solver.kind = "executable"`), also what
-        `metasolve predict` needs to reproduce the training runs: which arguments are the
-        features, and the options every training run had."""
+        """The deployable predictor, and beside it what deployment needs to reproduce the
+        training solves (`metasolve.app.delivery`): the solver's options and the evaluation
+        tolerance for a KSP or a program, and for a program which arguments are the features."""
         if not isinstance(self.meta_solver, MetaSolver):
             torch.save({"shared_parameters": self.meta_solver.state_dict()}, path)
             return
-        solver = self.config["solver"]
-        if solver["kind"] != "executable":
+        kind = self.config["solver"]["kind"]
+        if kind == "family":
             self.meta_solver.save(path)
             return
         from metasolve.app.delivery import Delivery, save_for_program
 
-        save_for_program(path, self.meta_solver, Delivery.for_oracle(self.blackbox.oracle, self.family.features))
+        features = self.family.features if kind == "executable" else None
+        save_for_program(path, self.meta_solver, Delivery.for_oracle(self.blackbox.oracle, features,
+                                                                     budget=self.evaluation_cost.budget))
 
 
 def check_buildable(config: dict) -> None:

@@ -27,8 +27,8 @@ RECORD = "run.json"
 RESUMABLE = ("train.steps", "train.checkpoint_every", "train.eval_every", "train.out", "problem.eval_tasks",
              "evaluate.", "parallel.")
 # Files a run writes into its directory, and nothing else: `--overwrite` deletes only these.
-ARTEFACTS = (RECORD, "metrics.jsonl", "meta_solver.pt", "pretrained.pt", "evaluation.json", "report.md", "learning_curve.png",
-             "iterations.png")
+ARTEFACTS = (RECORD, "metrics.jsonl", "meta_solver.pt", "meta_solver.plain.npz", "meta_solver.delivery.json",
+             "pretrained.pt", "evaluation.json", "report.md", "learning_curve.png", "iterations.png")
 
 
 LOCK = ".lock"

@@ -15,6 +15,9 @@ import torch
 
 class Part(Protocol):
     dim: int
+    expands: bool
+    """True when a decoded value is a table of options merged into the setting (a `Choice` of
+    tables), not one entry under the part's own name."""
 
     def decode_tensor(self, raw: torch.Tensor) -> torch.Tensor: ...
 
@@ -41,6 +44,7 @@ class Interval:
     the neighbouring floats inside the bounds."""
 
     dim = 1
+    expands = False
 
     def __init__(self, lo: float, hi: float) -> None:
         if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
@@ -132,6 +136,8 @@ class Vector:
     coefficients are the right-hand side's divided by eigenvalues ∝ |κ|². Without it, an optimizer
     that steps every coordinate alike (Adam) overshoots the small high-mode coefficients.
     """
+
+    expands = False
 
     def __init__(self, n: int | tuple[int, int], basis: str = "sine", modes: int | None = None,
                  scale: float = 1.0, decay: float = 0.0) -> None:
@@ -258,6 +264,7 @@ class Integer:
     """
 
     dim = 1
+    expands = False
 
     def __init__(self, lo: int, hi: int, spread: float | None = None) -> None:
         if not (isinstance(lo, (int, np.integer)) and isinstance(hi, (int, np.integer)) and lo < hi):
@@ -338,7 +345,7 @@ class Space:
         for name, value in tensors.items():
             part = self.parts[name]
             decoded = part.to_setting(value)
-            entries = decoded if getattr(part, "expands", False) else {name: decoded}
+            entries = decoded if part.expands else {name: decoded}
             clash = sorted(set(entries) & set(setting))
             if clash:
                 raise ValueError(f"part {name!r} sets {clash}, already set by another part of the space")
@@ -349,7 +356,7 @@ class Space:
         """Raw θ for a decoded setting (a choice of option mappings is found by its options)."""
         rows = []
         for name, part in self.parts.items():
-            if getattr(part, "expands", False):
+            if part.expands:
                 keys = set().union(*part.choices)
                 rows.append(part.encode({k: setting[k] for k in keys if k in setting}))
             elif name not in setting:
