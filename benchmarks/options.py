@@ -112,8 +112,8 @@ ANCHOR = {"model.anchor": {"pc_sor_omega": "sor_omega_star"}}
 """Young's ω* from the operator features (`solvers.features`) as the start of the learned ω."""
 LEARNERS = {
     "learned around textbook ω* (operator features)": ANCHOR,
-    "learned (operator features, no anchor)": {},
-    "learned (family features, no anchor)": {"problem.features": "family"},
+    "learned (operator features, no anchor)": {"model.anchor": {}},
+    "learned (family features, no anchor)": {"problem.features": "family", "model.anchor": {}},
 }
 """Config overrides of each learned row; every run also gets the scale's overrides."""
 SUPERVISED = "supervised start alone, around textbook ω*"
