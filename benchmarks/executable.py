@@ -49,7 +49,7 @@ PROGRAM_DIR = ROOT / "examples" / "legacy_solver"
 CONFIG = ROOT / "examples" / "sor_omega.toml"
 RTOL, ATOL, DIVTOL, MAX_IT = 1e-6, 1e-50, 1e4, 10_000
 SOLVER = {"ksp_type": "richardson", "pc_type": "sor"}
-FORWARD_SOR = {"pc_sor_forward": True}
+FORWARD_SOR = {"pc_sor_forward": ""}
 OMEGA = Interval(1.4, 1.98)
 """ω's search range for every method: below 1.4 every task is far from its optimum, at 2 SOR diverges."""
 GRID_STEP = 0.005
@@ -90,9 +90,9 @@ def config_for(program: str, budget: Budget) -> dict:
     KSPOracle tests), this benchmark's ω range, cost budget, estimator and training budget."""
     return override(load_config(CONFIG), {
         "problem.train_tasks": budget.train_tasks, "problem.eval_tasks": budget.eval_tasks,
-        "solver.kind": "executable", "solver.command": [program],
-        "solver.options": {"pc_sor_forward": "", "ksp_norm_type": "unpreconditioned", "ksp_divtol": DIVTOL},
-        "solver.rtol": RTOL, "solver.atol": ATOL, "solver.max_it": MAX_IT, "solver.timeout": 60.0,
+        "solver": {"kind": "executable", "command": [program], "timeout": 60.0, "options": {
+            **SOLVER, **FORWARD_SOR, "ksp_norm_type": "unpreconditioned", "ksp_rtol": RTOL, "ksp_atol": ATOL,
+            "ksp_divtol": DIVTOL, "ksp_max_it": MAX_IT}},
         "space.pc_sor_omega": {"kind": "interval", "lo": OMEGA.lo, "hi": OMEGA.hi},
         "cost.max_it": PROXY_MAX_IT, "estimator.difference": "central", "estimator.eps": EPS,
         "pretrain.enabled": False, "train.steps": budget.steps, "train.batch_size": budget.batch, "train.lr": 3e-2,

@@ -4,6 +4,11 @@ Usage: mpi_step.py CONFIG.toml OUT_DIR. Rank 0 writes OUT_DIR/step.json (seconds
 rank, each step's per-rank solve time, the training's wall time, the cost of one all-gather of a
 step's results) and OUT_DIR/weights.pt.
 
+`mpi_step.py --command CONFIG.toml OUT_DIR [OVERRIDES_JSON]` instead runs the whole command, as
+`metasolve train CONFIG --out OUT_DIR --overwrite --quiet` does (the recipe `metasolve.app.run.run`,
+one torch thread, `config.override` for the dotted keys in the JSON object), and rank 0 writes
+OUT_DIR/executor.json: the ranks, the executor rounds and how many of them ran replicated.
+
 Parts of a step (wall time; they add up to the step):
 - `network`: the meta-solver's forward pass (its backward is in `other`),
 - `solve`: this rank's own solves (`fn` calls inside `executor.map`, but for the surrogate
@@ -150,5 +155,27 @@ def main(config_path: str, out: Path) -> None:
             "failed": history[-1]["failed_queries"] + history[-1]["failed_centres"]}))
 
 
+def command(config_path: str, out: Path, overrides: dict) -> None:
+    """The `metasolve train` recipe on a config, then the executor's round counts (root only)."""
+    import torch
+
+    from metasolve.app.config import load_config, override
+    from metasolve.app.run import make_executor, run
+    from metasolve.training.parallel import abort_on_uncaught_exception
+
+    abort_on_uncaught_exception()
+    torch.set_num_threads(1)
+    config = override(load_config(config_path), overrides, config_path) if overrides else load_config(config_path)
+    executor = make_executor(**config["parallel"])
+    run(config, out, overwrite=True, quiet=True, executor=executor)
+    if executor.is_root:
+        rounds, replicated = (executor.total_rounds, executor.total_replicated) if executor.size > 1 else (0, 0)
+        (out / "executor.json").write_text(json.dumps({"ranks": executor.size, "rounds": rounds,
+                                                       "replicated": replicated}))
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]))
+    if sys.argv[1] == "--command":
+        command(sys.argv[2], Path(sys.argv[3]), json.loads(sys.argv[4]) if len(sys.argv) > 4 else {})
+    else:
+        main(sys.argv[1], Path(sys.argv[2]))

@@ -142,7 +142,7 @@ def build_oracle(config: dict, executor: Any, family: Any = None) -> Any:
                 raise ValueError("solver.isolate = true solves each task in a process of its own: "
                                  "it cannot be combined with parallel.group_size > 1")
             return IsolatedOracle(functools.partial(KSPOracle, **recipe), timeout=solver["timeout"])
-        return KSPOracle(**recipe, comm=executor.solve_comm)
+        return KSPOracle(**recipe, comm=executor.solve_comm, timeout=solver["timeout"])  # also lets signals in
     if solver["isolate"]:
         raise ValueError(f"solver.isolate = true applies to in-process solvers (kind = 'ksp'); "
                          f"kind = {solver['kind']!r} already runs outside the training process")

@@ -18,18 +18,27 @@ Two schedules decide who solves what:
   4/3 − 1/(3P) of the optimum, and within one item's cost of the mean load.
 
 Rounds too short to share. Sharing a round saves (total − makespan) seconds of solving and costs
-the exchange: the all-gather and the wait for the slowest worker, measured on every rank as the
-round's wall time minus its own work and carried, one round late, in the next all-gather (so
-every rank holds the same number). When the expected saving is below that overhead, every rank
-computes every item itself — no message at all, the same results bit for bit, since `fn(item)`
-depends on the item alone — and the job runs at the one-rank speed instead of below it. Timings
-are not updated in such a round (they would differ between ranks); every `REFRESH`-th replicated
-round is shared again to re-measure. Decisions use only numbers every rank holds, so all ranks
-decide alike.
+the exchange: what the busiest worker's round took beyond its own work (the all-gather, and
+waiting for a worker that started late), measured on every rank and carried, one round late, in
+the next all-gather (so every rank holds the same number). The busiest worker's, not the largest
+on any rank: a worker with less work waits for the busiest one, and that wait is the imbalance
+(makespan − mean load) the saving already counts. When the expected saving is below that
+overhead, every rank computes every item itself — no message at all, the same results bit for
+bit, since `fn(item)` depends on the item alone — and the job runs at the one-rank speed instead
+of below it. Timings are not updated in such a round (they would differ between ranks); every
+`REFRESH`-th replicated round is shared again to re-measure. Decisions use only numbers every
+rank holds, so all ranks decide alike.
+
+The all-gather carries bytes a fast pickler wrote: a torch tensor travels as its numpy array
+(torch's own pickling of a surrogate update's ~30 small tensors took ~10 ms to write and ~10 ms
+to read per round, more than a 1 ms solve's whole round), rebuilt bit for bit on arrival. A
+rank reads only the others' contributions and keeps its own results as they are.
 """
 from __future__ import annotations
 
 import heapq
+import io
+import pickle
 import sys
 import time
 import traceback
@@ -68,6 +77,35 @@ def longest_first(costs: Sequence[float], n_workers: int) -> list[list[int]]:
         owned[worker].append(index)
         heapq.heappush(loads, (load + costs[index], worker))
     return [sorted(indices) for indices in owned]
+
+
+def _tensor_from_array(array: np.ndarray, requires_grad: bool) -> Any:
+    import torch
+
+    return torch.from_numpy(array).requires_grad_(requires_grad)
+
+
+class _Pickler(pickle.Pickler):
+    """Pickles a plain CPU torch tensor as its numpy array (bits and dtype kept; views of one
+    storage arrive as separate arrays); anything else, a tensor numpy cannot hold included, as
+    pickle does. torch is looked up, not imported: without it there are no tensors to send."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        torch = sys.modules.get("torch")
+        if torch is None or type(obj) is not torch.Tensor:
+            return NotImplemented
+        try:
+            array = obj.detach().numpy()
+        except (TypeError, RuntimeError):  # bfloat16, other devices, sparse, conjugate views, ...
+            return NotImplemented
+        return _tensor_from_array, (array, obj.requires_grad)
+
+
+def dumps(obj: Any) -> bytes:
+    """`obj` as bytes for the all-gather; `pickle.loads` reads it back."""
+    stream = io.BytesIO()
+    _Pickler(stream, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    return stream.getvalue()
 
 
 class RemoteError(RuntimeError):
@@ -148,10 +186,10 @@ class MPIExecutor:
         self.solve_comm = PETSc.COMM_SELF if group_size == 1 else PETSc.Comm(self.group)
         self.expected_seconds: dict[Hashable, float] = {}
         self.item_seconds: list[float] = []
-        self.overhead = 0.0  # seconds a shared round spends beyond its work (max over ranks, smoothed)
-        self.replicated_rounds = 0  # how many rounds ran replicated since the last shared one (and in all)
-        self.total_replicated = 0
-        self._last_overhead = 0.0  # this rank's overhead in its last shared round, sent with the next
+        self.overhead = 0.0  # seconds a shared round spends beyond its busiest worker's work (smoothed)
+        self.replicated_rounds = 0  # how many rounds ran replicated since the last shared one
+        self.total_rounds = self.total_replicated = 0  # rounds (`map` calls) in all, and how many ran replicated
+        self._last_round = (0.0, 0.0)  # this rank's (work, overhead) in its last shared round, sent with the next
 
     def replicate(self, n_items: int, keys: Sequence[Hashable] | None) -> bool:
         """Whether every rank should compute every item of this round itself (see the module
@@ -186,11 +224,13 @@ class MPIExecutor:
         items = list(items)
         if keys is not None and len(keys) != len(items):
             raise ValueError(f"map got {len(items)} items but {len(keys)} keys")
+        self.total_rounds += 1
         if self.replicate(len(items), keys):
             return self._replicated(fn, items)
         self.replicated_rounds = 0
         round_begin = time.perf_counter()
-        owned = self.assignment(len(items), keys)[self.worker]
+        assignment = self.assignment(len(items), keys)
+        owned = assignment[self.worker]
         results, seconds, error = [], [], None
         for index in owned:
             begin = time.perf_counter()
@@ -204,9 +244,14 @@ class MPIExecutor:
             if error is not None:
                 break
         is_leader = self.group.Get_rank() == 0
-        gathered = self.comm.allgather(((owned, results, seconds) if is_leader else None, error, self._last_overhead))
-        self._last_overhead = time.perf_counter() - round_begin - sum(seconds)
-        previous = max(overhead for *_, overhead in gathered)
+        mine = (results, seconds) if is_leader else None
+        payloads = self.comm.allgather(dumps((mine if error is None else None, error, self._last_round)))
+        gathered = [(mine, error, self._last_round) if rank == self.rank else pickle.loads(payload)
+                    for rank, payload in enumerate(payloads)]
+        work = sum(seconds)
+        self._last_round = (work, time.perf_counter() - round_begin - work)
+        # The busiest rank's overhead (ties: the lowest rank), the same number on every rank.
+        _, previous = max((last for _, _, last in gathered), key=lambda last: last[0])
         self.overhead = previous if not self.overhead else 0.5 * (self.overhead + previous)
         errors = [error for _, error, _ in gathered if error is not None]
         if errors:
@@ -214,9 +259,9 @@ class MPIExecutor:
             raise RemoteError(rank, index, kind, message) from _RemoteTraceback(text)
         placed: list[Any] = [None] * len(items)
         self.item_seconds = [0.0] * len(items)
-        for contribution, _, _ in gathered:
+        for rank, (contribution, _, _) in enumerate(gathered):
             if contribution is not None:
-                for index, result, spent in zip(*contribution):
+                for index, result, spent in zip(assignment[rank // self.group_size], *contribution):
                     placed[index], self.item_seconds[index] = result, spent
         if keys is not None:
             self.expected_seconds.update(zip(keys, self.item_seconds))
