@@ -1,4 +1,4 @@
-"""[scaling_model] A measured model of one training step, validated on 1/2/4 ranks, extrapolated to 1024.
+"""[scaling_model] A measured model of one training step, validated on 1 and 2 ranks, extrapolated to 1024.
 
 One SPMD step on P ranks with a global batch of B tasks (b = B/P per rank) takes
 
@@ -38,7 +38,7 @@ Validation on this machine (2 cores): the per-item distribution's shape comes fr
 in-process measurement, scaled to the mean solve time per item of the 1-rank run of
 [mpi_throughput]; R from that run; the all-gather from the time measured in each run (shared
 memory, not InfiniBand); compute slows by P/capacity beyond one rank (capacity = the measured
-2-rank ceiling for pure solves), which covers the oversubscribed 4 ranks only roughly. Not
+2-rank ceiling for pure solves). Not
 modelled: rank-to-rank speed differences on a cluster, node memory-bandwidth contention (here
 2 ranks on 2 cores reached 1.87x, i.e. 6.5% per-core loss), OS noise, stale cost estimates.
 
@@ -80,7 +80,7 @@ def demo_config(tasks: int) -> dict:
 
 
 def heterogeneous_config(tasks: int) -> dict:
-    """[mpi_throughput]'s heterogeneous family, the one measured on 1, 2 and 4 ranks."""
+    """[mpi_throughput]'s heterogeneous family, the one measured on 1 and 2 ranks."""
     text = mpi_throughput.HETEROGENEOUS.format(steps=1, tasks=tasks, schedule="balanced", chunk_rows=0)
     return parse_config(text, "<scaling model>")
 
@@ -227,7 +227,7 @@ class StepModel:
 
 
 def validate(model_inputs: dict, throughput: dict) -> list[dict]:
-    """Model vs measured steps/s on 1, 2, 4 ranks for the heterogeneous family (strong scaling, B = 16),
+    """Model vs measured steps/s on the ranks [mpi_throughput] ran, heterogeneous family (strong scaling, B = 16),
     the surrogate update scheduled or split. Collectives over shared memory are taken as free."""
     raw = throughput["raw"]
     family = next(k for k in raw if k.startswith("diffusion")).split("|")[0]
@@ -326,8 +326,8 @@ def run(out: Path, quick: bool = False) -> dict:
         "cost models). Weak scaling: the batch per rank stays fixed.\n\n"
         f"Measured inputs (in-process, shared machine):\n\n{markdown_table(input_rows)}\n\n"
         f"Validation against [mpi_throughput] (heterogeneous family, batch 16, same run's 1-rank "
-        f"numbers as the model's inputs; 4 ranks oversubscribe 2 cores):\n\n{markdown_table(validation)}\n\n"
-        f"Model error on 2 and 4 ranks: up to {max(errors) if errors else float('nan'):.0f}%.\n\n"
+        f"numbers as the model's inputs):\n\n{markdown_table(validation)}\n\n"
+        f"Model error beyond one rank: up to {max(errors) if errors else float('nan'):.0f}%.\n\n"
         f"Weak-scaling efficiency (model):\n\n{markdown_table(rows)}\n\n"
         f"Demo-sized batch (8 per rank) at 256 ranks, balanced: **{100 * demo_256_built:.0f}%** with the "
         f"surrogate update scheduled as one item (the default; its minibatch grows with the global batch), "

@@ -114,6 +114,10 @@ class Family(ABC):
         """The family's own solver (`[solver] kind = "family"`), or None: it brings none."""
         return None
 
+    has_operator: bool = True
+    """Whether its tasks hold a matrix (A, b) that operator features can be computed from; a
+    program run's task is its command line, and has none."""
+
     parameter_count: int = 0
     """Model parameters a calibration (`[space.x] kind = "parameters"`) fits; 0 for none."""
 
@@ -146,6 +150,9 @@ def with_features(family: Family, kind: str) -> Family:
     if kind in ("family", "both") and family.feature_dim == 0:
         raise ValueError(f"family {family.key!r} has no features of its own; use features = 'operator' "
                          "or 'structural' (computed from each task's matrix)")
+    if kind != "family" and not family.has_operator:
+        raise ValueError(f"features = {kind!r} are computed from each task's matrix, and family {family.key!r} has "
+                         f"none (its tasks are runs of a program): use features = 'family'")
     return family if kind == "family" else OperatorFeatures(family, kind)
 
 

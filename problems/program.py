@@ -57,6 +57,8 @@ SIGNIFICANT_DIGITS = 6
 class ProgramFamily(Family):
     """Runs of a program, their arguments drawn from `arguments` and/or read from `table`."""
 
+    has_operator = False
+
     key = "program"
 
     def __init__(self, seed: int = 0, arguments: Mapping[str, Any] | None = None, table: str | None = None,
@@ -133,7 +135,7 @@ class ProgramFamily(Family):
             parts.append(f"{len(self.table)} table rows of {', '.join('-' + c for c in self.table[0])}")
         if self.eval_table is not None:
             parts.append(f"evaluation on {len(self.eval_table)} rows of their own")
-        return (f"Runs of a program with arguments {'; '.join(parts)}. Features: "
+        return (f"Runs of a program with arguments {'; '.join(parts)}. Features ({self.feature_dim}): "
                 f"{', '.join(self.features.feature_names)}.")
 
     def _row_or_draw(self, index: int) -> dict[str, Any]:

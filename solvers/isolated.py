@@ -44,6 +44,8 @@ from collections.abc import Callable, Mapping, Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
+import numpy as np
+
 from solvers.budget import Budget
 from solvers.oracle import Oracle, as_oracle
 from solvers.outcome import Outcome
@@ -123,25 +125,27 @@ class IsolatedOracle(Oracle):
             self._sent[key] = task  # keeps the object alive, so its id is not reused
             while len(self._sent) > self.cache:
                 forget.append(self._sent.popitem(last=False)[0])
+        solving = _solving(task, settings)
         try:
             self._send.send((key, payload, forget, settings, budget, self.return_solution))
         except (BrokenPipeError, OSError):
-            raise self._lost("died before the solve") from None
+            raise self._lost("died before the solve", solving) from None
         limit = self.timeout * len(settings)
         if not self._receive.poll(limit):
             self._kill()
-            raise self._lost(f"hung: no answer after {limit:g} s, killed")
+            raise self._lost(f"hung: no answer after {limit:g} s, killed", solving)
         try:
             status, *reply = self._receive.recv()
         except (EOFError, OSError):
-            raise self._lost("died during the solve") from None
+            raise self._lost("died during the solve", solving) from None
         if status == "raised":
             error, text = reply
             raise error from _WorkerTraceback(text)
         return reply[0]
 
-    def _lost(self, how: str) -> _WorkerLost:
-        """Reap the worker, count it, and describe its end (signal named) for the failed Outcome."""
+    def _lost(self, how: str, solving: str) -> _WorkerLost:
+        """Reap the worker, count it, and describe its end (signal named) and what it was solving
+        (the candidate setting, not only the factory's base recipe) for the failed Outcome."""
         process = self._process
         self._reset()
         self.crashes += 1
@@ -150,8 +154,8 @@ class IsolatedOracle(Oracle):
         except subprocess.TimeoutExpired:
             process.kill()
             code = process.wait()
-        message = f"isolated solver process {how} ({exit_status(code)}); worker restarted"
-        log.warning("%s [factory %r]", message, self.factory)
+        message = f"isolated solver process {how} ({exit_status(code)}) {solving}; worker restarted"
+        log.warning("%s [base recipe %r]", message, self.factory)
         return _WorkerLost(message)
 
     def _ensure_worker(self) -> None:
@@ -245,6 +249,18 @@ def exit_status(code: int) -> str:
         except ValueError:
             return f"killed by signal {-code}"
     return f"exit status {code}"
+
+
+def _solving(task: Any, settings: list[dict]) -> str:
+    """'solving task NAME under setting ksp_type = 'cg', pc_type = 'icc'': what a lost worker was
+    doing, vectors by their length; a request of several settings is retried one by one, and
+    each retry names its own."""
+    name = getattr(task, "name", "") or type(task).__name__
+    if len(settings) != 1:
+        return f"solving task {name!r} under one of {len(settings)} settings"
+    parts = [f"{key} = <vector of {np.size(value)}>" if np.size(value) > 1 else f"{key} = {value!r}"
+             for key, value in settings[0].items()]
+    return f"solving task {name!r} under setting {', '.join(parts) or '{} (the base recipe)'}"
 
 
 def _pickled(task: Any) -> bytes:

@@ -325,7 +325,8 @@ class KSPOracle(Oracle):
     def _set_up(self, ksp: PETSc.KSP) -> None:
         """Read the options and set up; an unsupported default norm falls back to the KSP's own."""
         ksp.setFromOptions()
-        ksp.setConvergenceHistory(length=ksp.getTolerances()[3] + 1, reset=True)
+        # max_it + 1 entries: iteration 0 too; a PetscInt holds at most 2^31 - 1 (max_it may be that)
+        ksp.setConvergenceHistory(length=min(ksp.getTolerances()[3] + 1, 2**31 - 1), reset=True)
         keep_convergence_test(ksp)
         try:
             ksp.setUp()

@@ -34,7 +34,8 @@ MAY_ASSEMBLE_INTERNALS = {
 }
 """Estimator science and timing of machinery: the sections allowed to assemble internals."""
 
-TRAINING_SECTIONS = {"newton", "initial_guess", "discrete", "executable", "heat_stepper", "options", "wall_model"}
+TRAINING_SECTIONS = {"newton", "initial_guess", "discrete", "executable", "heat_stepper", "options", "wall_model",
+                     "tutorials", "scale"}
 """Sections whose numbers are a trained predictor's: each must train through `run`."""
 
 

@@ -109,6 +109,31 @@ def test_petsc_chebyshev_jacobi_segfault_is_survived():
         oracle.close()
 
 
+def test_a_crash_names_the_candidate_setting_that_crashed_not_only_the_base_recipe(caplog):
+    """A Choice over solvers runs its candidates as settings on one base recipe (here GMRES + ILU):
+    the message must say that Chebyshev + Jacobi crashed, and on which task."""
+    recipe = functools.partial(KSPOracle, ksp_type="gmres", pc_type="ilu", rtol=1e-30, atol=0.0)
+    oracle = IsolatedOracle(recipe, timeout=60)
+    try:
+        task = poisson_2d(16, seed=0)
+        candidate = {"ksp_type": "chebyshev", "pc_type": "jacobi", "ksp_max_it": 20000}
+        with caplog.at_level("WARNING", logger="solvers.isolated"):
+            crashed, fine = oracle.solve_many(task, [candidate, {"x0": np.zeros(256), "ksp_max_it": 5}])
+        assert crashed.failed and "SIGSEGV" in crashed.error and not fine.failed
+        named = "under setting ksp_type = 'chebyshev', pc_type = 'jacobi', ksp_max_it = 20000"
+        assert named in crashed.error and repr(task.name) in crashed.error, crashed.error
+        assert named in caplog.text and "base recipe" in caplog.text
+        assert "under one of 2 settings" in caplog.text  # the request of both, before each was retried alone
+        hung = IsolatedOracle(functools.partial(CrashingOracle, ksp_type="cg", pc_type="jacobi"), timeout=3)
+        try:
+            outcome = hung(task, {"crash": "hang", "x0": np.ones(256)})
+        finally:
+            hung.close()
+        assert "under setting crash = 'hang', x0 = <vector of 256>" in outcome.error, outcome.error
+    finally:
+        oracle.close()
+
+
 def test_a_mistake_in_the_worker_is_raised_in_the_caller_not_survived(isolated):
     with pytest.raises(ValueError, match="pc_sor_omega"):
         isolated(poisson_1d(16, seed=0), {"pc_sor_omega": 1.5})  # not an option of Jacobi

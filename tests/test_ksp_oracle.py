@@ -352,3 +352,84 @@ def test_a_budget_becomes_ksp_tolerances():
     assert cut.iterations == 7 and cut.hit_max_it
     (plain,) = oracle.solve_within(None, task, [{}])
     assert plain.iterations == oracle(task).iterations > 7
+
+
+# --- solver timeout: a solve that never ends is stopped, and signals reach Python during it ---
+
+def never_ending(kind: str) -> tuple[dict, LinearSystem]:
+    """Two solves that iterate for ever: CG + ICC on a nonsymmetric convection-diffusion operator
+    (divtol out of reach, so the creeping residual never counts as divergence; the case of the
+    14-minute hang reported in issue 24) and Richardson damped to 1e-9 per step."""
+    if kind == "cg+icc":
+        from problems import make_family
+
+        task = make_family("convdiff", seed=0, n_range=32).train_tasks(1)[0]
+        return dict(ksp_type="cg", pc_type="icc", divtol=1e300), task
+    task = LinearSystem(laplacian_1d(200), np.random.default_rng(0).standard_normal(200))
+    return dict(ksp_type="richardson", pc_type="none", options={"ksp_richardson_scale": 1e-9}), task
+
+
+@pytest.mark.parametrize("kind", ["cg+icc", "richardson"])
+def test_a_solve_running_past_its_timeout_ends_as_a_failed_outcome_saying_so(kind):
+    recipe, task = never_ending(kind)
+    oracle = KSPOracle(**recipe, rtol=1e-12, max_it=2**31 - 1, timeout=1.0)
+    outcome = oracle(task)
+    assert outcome.failed and not outcome.converged and not outcome.hit_max_it
+    assert outcome.error.startswith("timed out after 1 s") and "solver.timeout" in outcome.error
+    assert outcome.reason == PETSc.KSP.ConvergedReason.DIVERGED_USER
+    assert outcome.iterations > 0 and len(outcome.residuals) == outcome.iterations + 1
+    assert not [name for name in PETSc.Options().getAll() if name.startswith(oracle.prefix)]
+
+
+@pytest.mark.parametrize("ksp_type, pc_type", [("cg", "jacobi"), ("gmres", "ilu"), ("richardson", "sor")])
+def test_a_timeout_leaves_a_solve_that_ends_in_time_bitwise_unchanged(ksp_type, pc_type):
+    task = poisson_2d(16, seed=1)
+    plain = KSPOracle(ksp_type=ksp_type, pc_type=pc_type)(task)
+    timed = KSPOracle(ksp_type=ksp_type, pc_type=pc_type, timeout=600.0)(task)
+    assert timed.error is None and timed.converged
+    assert (timed.iterations, timed.reason) == (plain.iterations, plain.reason)
+    assert np.array_equal(timed.residuals, plain.residuals)
+
+
+def test_a_signal_handler_runs_inside_a_hung_solve_and_what_it_raises_ends_the_solve():
+    """PETSc's C loop never returns to Python: without the oracle's per-iteration callback a
+    SIGTERM/SIGINT handler would wait for ever. Here a SIGALRM handler raises KeyboardInterrupt,
+    as a second Ctrl-C does; it must run inside the solve and come out of the oracle as itself,
+    not as a failed Outcome, with the options database restored."""
+    import signal
+
+    from solvers.ksp import Deadline
+
+    recipe, task = never_ending("cg+icc")
+    oracle = KSPOracle(**recipe, rtol=1e-12, max_it=2**31 - 1, timeout=600.0)
+    handled_in = []
+
+    def interrupt(signum, frame):
+        handled_in.append(frame.f_locals.get("self"))
+        if isinstance(handled_in[-1], Deadline):  # an alarm before the solve began waits for the next one
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            signal.setitimer(signal.ITIMER_REAL, 1.0, 0.5)  # repeats, in case one lands before the solve
+            oracle(task)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert isinstance(handled_in[-1], Deadline)  # it ran in the solve's callback
+    assert not [name for name in PETSc.Options().getAll() if name.startswith(oracle.prefix)]
+
+
+def test_a_timeout_must_be_positive():
+    with pytest.raises(ValueError, match="timeout must be > 0"):
+        KSPOracle(timeout=0.0)
+
+
+@pytest.mark.mpi
+def test_on_two_ranks_a_timed_out_solve_ends_at_the_same_iteration_everywhere():
+    from tests.mpi_run import REPO_ROOT, run_mpi
+
+    result = run_mpi(REPO_ROOT / "tests" / "mpi_scripts" / "ksp_timeout.py", 2, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "OK both ranks timed out" in result.stdout, result.stdout + result.stderr

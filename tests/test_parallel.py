@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from metasolve.training.parallel import (MPIExecutor, RemoteError, SerialExecutor, abort_on_uncaught_exception, block,
-                                longest_first)
+                                dumps, longest_first)
 from solvers._petsc import MPI, PETSc
 from tests.mpi_run import run_mpi
 
@@ -60,6 +60,37 @@ def test_longest_first_isolates_one_slow_item_that_contiguous_blocks_pile_up() -
 def test_equal_costs_spread_items_like_blocks_do() -> None:
     owned = longest_first([1.0] * 7, 3)
     assert sorted(map(len, owned)) == [2, 2, 3]
+
+
+def test_all_gather_pickling_keeps_tensors_bit_for_bit() -> None:
+    """What a surrogate update sends (weights, Adam moments, a generator's state) arrives equal in
+    bits, dtype, shape and requires_grad; what numpy cannot hold falls back to torch's pickling."""
+    import pickle
+
+    import torch
+
+    generator = torch.Generator().manual_seed(3)
+    weights = torch.randn(5, 7, dtype=torch.float64, generator=generator)
+    sent = {"net": {"w": weights, "b": torch.tensor(1e-300, dtype=torch.float64)},
+            "moments": [torch.randn(4, generator=generator), torch.arange(6, dtype=torch.int64).reshape(2, 3)],
+            "generator": generator.get_state(), "same twice": (weights, weights),
+            "grad": torch.ones(2, requires_grad=True), "bf16": torch.ones(3, dtype=torch.bfloat16),
+            "parameter": torch.nn.Parameter(torch.full((2,), 0.1, dtype=torch.float64)), "plain": [1, "a", None]}
+    got = pickle.loads(dumps(sent))
+
+    def same(a, b) -> bool:
+        if isinstance(a, torch.Tensor):
+            return (type(a) is type(b) and a.dtype == b.dtype and a.shape == b.shape
+                    and a.requires_grad == b.requires_grad and torch.equal(a.detach(), b.detach()))
+        if isinstance(a, dict):
+            return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+        if isinstance(a, (list, tuple)):
+            return type(a) is type(b) and len(a) == len(b) and all(map(same, a, b))
+        return a == b
+
+    assert same(sent, got)
+    assert got["same twice"][0] is got["same twice"][1]  # one object sent once, as pickle does
+    assert torch.Generator().set_state(got["generator"]).initial_seed() == 3
 
 
 def test_serial_executor_contract() -> None:

@@ -266,3 +266,92 @@ def test_a_run_that_learns_nothing_says_so_with_a_likely_cause(tmp_path, caplog,
     report = json.loads((tmp_path / "out" / "evaluation.json").read_text())["held_out_training_cost"]
     assert report["relative_improvement"] < 0.01 and report["causes"]
     assert math.isfinite(report["untrained_cost"])
+
+
+# --- A solve that never ends: SIGTERM still stops the run (issue 24) -----------------------
+
+NEVER_ENDING = """
+[problem]
+family = "convdiff"
+params = { n_range = 32 }
+train_tasks = 4
+eval_tasks = 2
+
+[solver]
+ksp_type = "cg"                    # CG + ICC on a nonsymmetric operator: the residual creeps up
+pc_type = "icc"                    # for ever, and divtol is out of reach
+options = { ksp_divtol = 1e300 }
+timeout = 600.0
+
+[space.x0]
+kind = "vector"
+modes = 2
+scale = 0.3
+
+[cost]
+kind = "iteration_proxy"
+rtol = 1e-12
+max_it = 2000000000
+
+[estimator]
+kind = "forward"
+tangents = 1
+
+[pretrain]
+enabled = false
+
+[train]
+steps = 2
+batch_size = 2
+"""
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a running process (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the process's CPU time from /proc")
+def test_sigterm_stops_a_run_whose_solve_never_ends_with_exit_143(tmp_path):
+    """Without isolation, a hung in-process solve once ignored SIGTERM, a second SIGTERM and SIGINT
+    for 14 minutes: PETSc's C loop never gave Python the chance to run its handler."""
+    config = tmp_path / "hang.toml"
+    config.write_text(NEVER_ENDING)
+    out, errors = tmp_path / "out", tmp_path / "stderr.txt"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    with errors.open("w") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "metasolve.app.cli", "train", str(config), "--out", str(out)],
+                                   cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
+    try:
+        for line in process.stdout:  # the last line before the held-out solves of the untrained predictor
+            if line.startswith("metasolve: training"):
+                break
+        spent = cpu_seconds(process.pid)
+        for _ in range(6000):  # inside the solve once it has burnt a further CPU second (or 10 minutes passed)
+            if process.poll() is not None or cpu_seconds(process.pid) > spent + 1.0:
+                break
+            time.sleep(0.1)
+        assert process.poll() is None, errors.read_text()
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=300)  # before: still iterating here, SIGTERM unseen
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == 143, errors.read_text()
+    assert "stopped by SIGTERM" in errors.read_text()
+    assert not (out / "meta_solver.pt").exists()
+
+
+def test_after_resume_the_checkpoints_from_before_the_stop_are_pruned_too(tmp_path):
+    """A run stopped after step 3 leaves checkpoints 2 and 3; resumed to step 6, only the newest
+    two may remain (checkpoint 2 once stayed behind for good: the trainer remembered only the
+    checkpoint it resumed from)."""
+    out = tmp_path / "out"
+    assert train(tiny(tmp_path, steps=3, every=1), out) == 0
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["checkpoint-00000003.pt",
+                                                                      "checkpoint-00000002.pt"]
+    assert train(tiny(tmp_path, steps=6, every=1), out, "--resume") == 0
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["checkpoint-00000006.pt",
+                                                                      "checkpoint-00000005.pt"]

@@ -150,3 +150,13 @@ def test_the_config_reference_page_is_the_schema():
 
     page = (REPO_ROOT / "docs" / "config.md").read_text()
     assert config_reference() in page, "regenerate docs/config.md with `metasolve config`"
+
+
+def test_operator_features_on_a_program_family_is_a_named_config_error(tmp_path, capsys):
+    config = tmp_path / "program.toml"
+    config.write_text('[problem]\nfamily = "program"\nfeatures = "operator"\n'
+                      '[problem.params.arguments]\nn = { integers = [8, 16] }\n'
+                      '[solver]\nkind = "executable"\ncommand = ["true"]\n'
+                      '[space.pc_sor_omega]\nkind = "interval"\nlo = 1.0\nhi = 1.9\n')
+    assert main(["train", str(config), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    assert "problem.features" in capsys.readouterr().err and not (tmp_path / "out" / "run.json").exists()

@@ -253,24 +253,42 @@ def test_record_collects_every_solve_of_a_run_under_its_prefix(legacy_programs, 
 
 @pytest.mark.compiled
 @pytest.mark.slow
-def test_record_then_the_starter_config_trains(legacy_programs, tmp_path):
-    """record → train: systems of legacy_solver runs, the starter config as written (only shortened)."""
-    from metasolve.app.config import load_config, override
-    from metasolve.app.run import run
+def test_record_train_predict_in_three_commands(legacy_programs, tmp_path):
+    """The user's story on legacy_solver: `metasolve record` (once per run), `metasolve train` on the
+    starter config exactly as written, `metasolve predict --matrix`, then the program with the
+    options file: it converges with the learned ω, and faster than the recorded solver's ω = 1."""
+    from metasolve.app.cli import main
+    from metasolve.app.config import load_config
 
     out = tmp_path / "rec"
+    program = str(legacy_programs / "legacy_solver")
     for n, contrast in ((10, 0.5), (12, 1.0), (14, 1.5), (16, 0.8), (11, 0.3), (13, 1.2)):
-        recording = record([str(legacy_programs / "legacy_solver"), "-n", str(n), "-contrast", str(contrast),
-                            "-ksp_type", "richardson", "-pc_type", "sor", "-pc_sor_forward"], out)
-    assert recording.total_systems == 6 and recording.config == out / "train.toml"
-    A, b = load_system(recording.systems[0])
+        assert main(["record", "--out", str(out), "--", program, "-n", str(n), "-contrast", str(contrast),
+                     "-ksp_type", "richardson", "-pc_type", "sor", "-pc_sor_forward"]) == 0
+    systems = sorted((out / "systems").iterdir())
+    assert [p.name for p in systems] == [f"r{r:04d}-s0000" for r in range(6)]
+    A, b = load_system(systems[-1])
     assert A.shape == (169, 169) and b.shape == (169,)  # the last run: -n 13
-    config = load_config(recording.config)
+    config = load_config(out / "train.toml")
     assert config["problem"]["family"] == "recorded" and "pc_sor_omega" in config["space"]
     # 6 systems: 1 evaluates (the last), 2 train, the 2 after them validate the supervised start
     assert (config["problem"]["train_tasks"], config["problem"]["eval_tasks"]) == (2, 1)
-    config = override(config, {"train.steps": 2, "pretrain.search_solves": 4, "evaluate.constant_evaluations": 0},
-                      str(recording.config))
-    result = run(config, tmp_path / "run", quiet=True)
-    assert result.evaluation["learned"]["tasks"] == ["recorded-r0005-s0000"]
-    assert not any(result.evaluation["learned"]["failed"]) and result.files["model"].is_file()
+
+    assert main(["train", str(out / "train.toml")]) == 0
+    model = Path(config["train"]["out"]) / "meta_solver.pt"
+    assert main(["predict", str(model), "--out", str(tmp_path / "job"), "--matrix", str(systems[-1] / "A.bin"),
+                 "--rhs", str(systems[-1] / "b.bin")]) == 0
+    options = (tmp_path / "job" / "metasolve.opts").read_text()
+    omega = float(next(line.split()[1] for line in options.splitlines() if line.startswith("-pc_sor_omega")))
+    assert 1.0 < omega < 1.98
+    runs = {}
+    for name, extra in (("learned", ["-options_file", str(tmp_path / "job" / "metasolve.opts")]),
+                        ("recorded", ["-ksp_type", "richardson", "-pc_type", "sor", "-pc_sor_forward",
+                                      "-ksp_monitor", "ascii:/dev/null", "-ksp_rtol", "1e-6"])):
+        result = subprocess.run([program, "-f", str(systems[-1] / "A.bin"), "-rhs", str(systems[-1] / "b.bin"),
+                                 *extra, "-ksp_converged_reason"], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        runs[name] = int(result.stdout.split("CONVERGED_RTOL iterations")[1].split()[0])
+    assert runs["learned"] < runs["recorded"]
+
+

@@ -50,7 +50,11 @@ class Experiment:
             return
         from metasolve.app.delivery import Delivery, save_for_program
 
-        features = self.family.features if kind == "executable" else None
+        from problems.program import ProgramFamily
+
+        # a program's runs are its arguments (their features travel with the model); a program
+        # given matrix files (`solver.command` on any other family) is deployed from the files
+        features = self.family.features if isinstance(self.family, ProgramFamily) else None
         save_for_program(path, self.meta_solver, Delivery.for_oracle(self.blackbox.oracle, features,
                                                                      budget=self.evaluation_cost.budget))
 
@@ -60,9 +64,13 @@ def check_buildable(config: dict) -> None:
     the problem family exists and accepts the given parameters. A `ConfigError` naming the key."""
     problem = config["problem"]
     try:
-        family_class(problem["family"], problem["params"])
+        family = family_class(problem["family"], problem["params"])
     except ValueError as error:
         raise ConfigError(f"problem.family / problem.params: {error}") from None
+    kind = feature_kind(config)
+    if kind != "family" and not family.has_operator:
+        raise ConfigError(f"problem.features = {kind!r}: those are computed from each task's matrix, and family "
+                          f"{problem['family']!r} has none (its tasks are runs of a program); use 'family'")
     anchor = config["model"]["anchor"]
     for part, feature in anchor.items():
         if part not in config["space"]:
@@ -228,10 +236,13 @@ def feature_kind(config: dict) -> str:
     """`[problem] features`: "operator", "family", "both", or "auto" (the default): operator
     features (`solvers.features`) when the space holds only scalar options, which depend on the
     operator they describe; the family's own when it predicts a vector (an initial guess depends
-    on the detail of b, which a few summary numbers cannot carry)."""
+    on the detail of b, which a few summary numbers cannot carry). A family whose tasks hold no
+    matrix (runs of a program: `has_operator = False`) has only its own."""
     kind = config["problem"]["features"]
     if kind != "auto":
         return kind
+    if not family_class(config["problem"]["family"]).has_operator:
+        return "family"
     return "family" if any(part["kind"] in ("vector", "parameters") for part in config["space"].values()) else "operator"
 
 

@@ -123,9 +123,7 @@ def _run(config: dict, out: Path, record: dict, executor: Any, resume: bool, qui
                           resume=resume, metrics_path=out / "metrics.jsonl")
     kept = "trained"
     if candidates is not None:
-        n = len(experiment.train_tasks)
-        validation = experiment.family.tasks(range(n, n + min(VALIDATION_TASKS, n)))
-        choice = keep_better(experiment.meta_solver, experiment.blackbox, candidates, validation)
+        choice = keep_better(experiment.meta_solver, experiment.blackbox, candidates, _validation_tasks(experiment))
         kept = choice["kept"]
         costs = ", ".join(f"{name} {cost:.6g}" for name, cost in choice["costs"].items())
         _say(executor, f"metasolve: training cost on validation tasks: {costs}; keeping the {kept} weights", quiet)
@@ -169,6 +167,20 @@ def _supervised_start(experiment: Experiment, executor: Any, out: Path, resumed:
     candidates = {"untrained": untrained, "pretrained": {k: v.clone() for k, v in meta.state_dict().items()}}
     _on_root(executor, lambda: torch.save(candidates, kept_path))
     return candidates
+
+
+def _validation_tasks(experiment: Experiment) -> list:
+    """Tasks for keep-better: the indices just after the training ones, neither trained nor
+    evaluated on. A finite family (a table of runs, recorded systems) may have none to spare:
+    then the last training tasks serve, and the run says so."""
+    n = len(experiment.train_tasks)
+    count = min(VALIDATION_TASKS, n)
+    try:
+        return experiment.family.tasks(range(n, n + count))
+    except (ValueError, IndexError) as error:
+        log.warning("keep-better compares on the last %d training tasks: the family has no tasks beyond them (%s)",
+                    count, error)
+        return list(experiment.train_tasks[-count:])
 
 
 def _refuse_failing(evaluation: dict[str, dict]) -> None:

@@ -29,10 +29,11 @@ of below it. Timings are not updated in such a round (they would differ between 
 `REFRESH`-th replicated round is shared again to re-measure. Decisions use only numbers every
 rank holds, so all ranks decide alike.
 
-The all-gather carries bytes a fast pickler wrote: a torch tensor travels as its numpy array
-(torch's own pickling of a surrogate update's ~30 small tensors took ~10 ms to write and ~10 ms
-to read per round, more than a 1 ms solve's whole round), rebuilt bit for bit on arrival. A
-rank reads only the others' contributions and keeps its own results as they are.
+The all-gather carries bytes a fast pickler wrote: a torch tensor travels as its numpy array,
+rebuilt bit for bit on arrival (torch's own pickling of a surrogate update — weights, Adam
+moments, generator state: some 30 small tensors — is an order of magnitude slower to write and
+to read, and cost a round of ~1 ms solves more than its solves). A rank reads only the others'
+contributions and keeps its own results as they are, as the serial executor returns them.
 """
 from __future__ import annotations
 

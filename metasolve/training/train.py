@@ -26,7 +26,7 @@ from metasolve.app.run_dir import config_differences
 from metasolve.method.blackbox import BlackBox
 from metasolve.method.meta_solver import MetaSolver
 from metasolve.method.protocols import Executor
-from metasolve.training.checkpoint import CheckpointError, load_latest, remove_stale, save_checkpoint
+from metasolve.training.checkpoint import CheckpointError, list_checkpoints, load_latest, remove_stale, save_checkpoint
 from metasolve.training.diagnosis import check_progress, failure_cause, features_of, held_out
 from solvers._petsc import stage
 
@@ -206,9 +206,19 @@ class Trainer:
         if int(state["step"]) > steps:
             raise CheckpointError(f"{path} is at step {state['step']}, beyond the {steps} steps asked for")
         self.load_state_dict(state)
-        self._checkpoints = [path]
+        self._checkpoints = self._older_checkpoints(path) + [path]
         self._extend_schedule(steps)
         log.info("resumed from %s at step %d", path, self.step)
+
+    def _older_checkpoints(self, resumed: Path) -> list[Path]:
+        """This run's checkpoints older than the one resumed from, oldest first, so `_save` prunes
+        them too (once, only the resumed one was remembered, and a checkpoint from before a kill
+        stayed behind for good). The run directory is locked by its run (`metasolve.app.run_dir`),
+        so every checkpoint in it is this run's; newer ones that did not load are left as they are."""
+        if not self.executor.is_root:
+            return []
+        found = list_checkpoints(self.checkpoint_dir)  # newest first
+        return found[found.index(resumed) + 1:][::-1] if resumed in found else []
 
     def _extend_schedule(self, steps: int) -> None:
         """A cosine schedule resumed with more (or fewer) steps follows the cosine over the new
