@@ -32,6 +32,9 @@ headroom is measured before anything is trained: the best single configuration a
 per-instance best, where the per-instance best is picked on one timing repeat and charged the
 time of an independent second repeat (picking and charging on the same noisy timing would
 flatter it).
+
+Results: benchmarks/results/scale.{md,json,png}; the floor of any sine-mode guess
+(`projection_bound`) is there too, and it is why the learned guess keeps two Newton steps.
 """
 from __future__ import annotations
 
@@ -56,6 +59,7 @@ from metasolve.app.run import run as run_config  # noqa: E402
 from metasolve.method.meta_solver import MetaSolver  # noqa: E402
 from problems.anisotropic3d import Anisotropic3D  # noqa: E402
 from problems.bratu import Bratu, BratuOracle, BratuTask  # noqa: E402
+from problems.family import sine_coefficients, sine_modes  # noqa: E402
 from solvers.ksp import KSPOracle  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parent.parent / "examples" / "scale_bratu.toml"
@@ -79,27 +83,6 @@ GAMG_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
-def on_grid(meta_solver: MetaSolver, grid_shape: Sequence[int]) -> MetaSolver:
-    """The same predictor deploying on another grid: every sine-basis `Vector` part is rebuilt on
-    `grid_shape` with its modes, scale and decay; the weights and feature normalisation are kept.
-
-    Exact because the discrete sine modes are samples of sin(jπx) at the interior vertices of
-    any grid (`metasolve.method.params.sine_basis`): a coefficient means the same function on
-    every grid. A vector in the identity basis has no such meaning and is refused."""
-    exported = meta_solver.export()
-    parts = []
-    for name, part in exported["space"]["parts"]:
-        if part["kind"] == "vector":
-            if part["basis"] != "sine":
-                raise ValueError(f"space part {name!r} is a vector in the {part['basis']!r} basis: only sine "
-                                 "modes mean the same function on another grid")
-            if len(part["n"]) != len(grid_shape):
-                raise ValueError(f"space part {name!r} lives on a {len(part['n'])}-D grid, not on {tuple(grid_shape)}")
-            part = {**part, "n": [int(s) for s in grid_shape]}
-        parts.append([name, part])
-    return MetaSolver.from_export({**exported, "space": {"parts": parts}}, source="on_grid")
-
-
 def clock(fn: Callable[[], Any]) -> tuple[Any, float, float]:
     wall, cpu = time.perf_counter(), time.process_time()
     result = fn()
@@ -110,7 +93,7 @@ def train(quick: bool) -> dict[str, Any]:
     """The learned guess, trained once through the run layer at the config's coarse grid."""
     config = load_config(CONFIG)
     if quick:
-        config = override(config, {"train.steps": 2, "train.eval_every": 0}, str(CONFIG))
+        config = override(config, {"train.steps": 2, "train.eval_every": 0, "train.patience": 0}, str(CONFIG))
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as directory:
         result, wall, cpu = clock(lambda: run_config(config, Path(directory) / "run", quiet=True))
     return {"meta": result.experiment.meta_solver, "family": result.experiment.family, "config": config,
@@ -137,7 +120,7 @@ def measure_size(n: int, count: int, trained: dict) -> dict[str, Any]:
     tasks = family.eval_tasks(count)
     oracle = BratuOracle(rtol=RTOL, options=NEWTON_KRYLOV)
     clock(lambda: oracle.solve(tasks[0], {"snes_max_it": 1}))  # one-time caches (Jacobian pattern), untimed
-    (guess, deploy_wall, deploy_cpu) = clock(lambda: compiled(on_grid(trained["meta"], tasks[0].grid_shape), family))
+    (guess, deploy_wall, deploy_cpu) = clock(lambda: compiled(trained["meta"].on_grid(tasks[0].grid_shape), family))
     solved: list[tuple[float, np.ndarray]] = []
 
     def continuation(task: BratuTask) -> dict:
@@ -166,6 +149,23 @@ def measure_size(n: int, count: int, trained: dict) -> dict[str, Any]:
                 solved.append((task.lam, result.outcome.solution))
     return {"n": n, "unknowns": n * n, "tasks": count, "record": record, "transfer_error": float(np.mean(errors)),
             "deploy_wall": deploy_wall, "deploy_cpu": deploy_cpu}
+
+
+def projection_bound(n: int, modes: Sequence[int] = (6, 12, 24, 48)) -> list[dict[str, Any]]:
+    """What any guess in K × K sine modes could at best do on one unseen task of the n × n grid:
+    the converged solution itself projected on the modes, and the Newton steps from there."""
+    task = Bratu(n=n, lam_range=(6.0, 6.75)).eval_tasks(1)[0]
+    oracle = BratuOracle(rtol=RTOL, options=NEWTON_KRYLOV)
+    solution = oracle(task).solution
+    rows = []
+    for k in modes:
+        basis = sine_modes(n - 2, k)
+        projected = (basis @ sine_coefficients(solution.reshape(n - 2, n - 2), k) @ basis.T).ravel()
+        outcome, _, cpu = clock(lambda: oracle(task, {"u0": projected}))
+        rows.append({"n": n, "modes per axis": k, "relative error": relative_error(projected, solution),
+                     "F(u0) / F(0) norm ratio": float(outcome.residuals[0] / task.reference_norm),
+                     "Newton its": outcome.iterations, "CPU s": cpu})
+    return rows
 
 
 def summarize_size(size: dict, trained: dict) -> list[dict[str, Any]]:
@@ -204,12 +204,18 @@ def exponent(unknowns: Sequence[float], values: Sequence[float]) -> float:
     return float(np.polyfit(x, y, 1)[0])
 
 
+def rows_of(rows: list[dict], method: str) -> list[dict]:
+    """The rows of one method across sizes (any k for "grid sequencing": each size's best)."""
+    grid = method.startswith("grid")
+    return [r for r in rows if (r["method"].startswith("grid") if grid else r["method"] == method)]
+
+
 def plot(rows: list[dict], trained: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     methods = list(dict.fromkeys("grid sequencing (best k)" if r["method"].startswith("grid") else r["method"]
                                  for r in rows))
     for method in methods:
-        chosen = [r for r in rows if (r["method"].startswith("grid") if method.startswith("grid") else r["method"] == method)]
+        chosen = rows_of(rows, method)
         x = [r["unknowns"] for r in chosen]
         y = [r["mean CPU s"] for r in chosen]
         axes[0].loglog(x, y, "o-", label=f"{method} (p={exponent(x, y):.2f})")
@@ -222,7 +228,7 @@ def plot(rows: list[dict], trained: dict, path: Path) -> None:
     for method in methods:
         if method.startswith("learned"):
             continue
-        chosen = [r for r in rows if (r["method"].startswith("grid") if method.startswith("grid") else r["method"] == method)]
+        chosen = rows_of(rows, method)
         x = [r["unknowns"] for r in chosen if math.isfinite(r["break-even solves (CPU)"])]
         y = [r["break-even solves (CPU)"] for r in chosen if math.isfinite(r["break-even solves (CPU)"])]
         if x:
@@ -274,11 +280,12 @@ def run(out: Path, quick: bool = False) -> dict[str, Any]:
     plot(rows, trained, out / "scale.png")
     transfer = [{"n": s["n"], "unknowns": s["unknowns"], "relative error of the deployed guess": s["transfer_error"],
                  "deploy set-up CPU s": s["deploy_cpu"]} for s in sizes]
+    bound = projection_bound(129 if quick else 513)
     headroom = [linear_headroom(n, count) for n, count in (QUICK_LINEAR_SIZES if quick else LINEAR_SIZES).items()]
     headroom_rows = [{"n": h["n"], "unknowns": h["unknowns"], "tasks": h["tasks"], "best single": h["best single"],
-                      "best single CPU s": h["single"][h["best single"]], "per-instance best CPU s": h["per-instance best"],
-                      "headroom": h["headroom"], "per-task choices": ", ".join(sorted(set(h["per-task choice"])))}
-                     for h in headroom]
+                      "best single CPU s": h["single"][h["best single"]],
+                      "per-instance best CPU s": h["per-instance best"], "headroom": h["headroom"],
+                      "per-task choices": ", ".join(sorted(set(h["per-task choice"])))} for h in headroom]
     config_rows = [{"n": h["n"], "configuration": name, "mean CPU s": h["single"][name],
                     "mean CG its": h["iterations"][name]} for h in headroom for name in GAMG_CONFIGS]
     exponents = {}
@@ -298,9 +305,12 @@ def run(out: Path, quick: bool = False) -> dict[str, Any]:
         f"Transfer error (multilevel training): relative error of the guess on its training grid n = "
         f"{trained['family'].n}: {training_error:.3g}; on the deployed grids:",
         markdown_table(transfer),
+        "The floor of any sine-mode guess: the converged solution of one unseen task projected on K x K modes "
+        "(no learning error at all), and the Newton steps from it:",
+        markdown_table(bound),
         "Linear family, 3-D anisotropic diffusion, CG + GAMG to rtol 1e-8: headroom of a per-instance GAMG "
         "configuration (per-instance best picked on one repeat, charged an independent repeat):",
         markdown_table(headroom_rows), markdown_table(config_rows)])
     return {"summary": rows, "markdown": markdown, "transfer": transfer, "training_grid_error": training_error,
-            "exponents": exponents, "headroom": headroom_rows, "gamg_configs": config_rows,
+            "exponents": exponents, "projection_bound": bound, "headroom": headroom_rows, "gamg_configs": config_rows,
             "training": {k: v for k, v in trained.items() if k not in ("meta", "family", "config")}}

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from metasolve import Choice, Integer, Interval, LogInterval, MetaSolver, Space, Vector
-from metasolve.app.plain_model import FORMAT_VERSION, load_plain, plain_path
+from metasolve.method.plain_model import FORMAT_VERSION, load_plain, plain_path
 from metasolve.app.predict import (OPTIONS_FILE, Delivery, delivery_path, needs_monitor, parse_arguments, predict,
                                    predict_table, run_predict, save_for_program, write_petsc_vector)
 from solvers import ArgumentFeatures, KSPOracle, LinearSystem, PETSc, ProgramTask

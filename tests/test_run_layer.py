@@ -160,3 +160,19 @@ def test_operator_features_on_a_program_family_is_a_named_config_error(tmp_path,
                       '[space.pc_sor_omega]\nkind = "interval"\nlo = 1.0\nhi = 1.9\n')
     assert main(["train", str(config), "--out", str(tmp_path / "out"), "--quiet"]) == 2
     assert "problem.features" in capsys.readouterr().err and not (tmp_path / "out" / "run.json").exists()
+
+
+def test_the_storeys_import_only_downwards():
+    """app → training → method, never back: the method stands without the machinery, and the
+    machinery without the application (imports inside functions included)."""
+    import ast
+
+    below = {"method": ("metasolve.training", "metasolve.app"), "training": ("metasolve.app",)}
+    found = []
+    for storey, forbidden in below.items():
+        for path in sorted((REPO_ROOT / "metasolve" / storey).glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+                    [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+                found += [f"{path.name}: {name}" for name in names if name.startswith(forbidden)]
+    assert not found, found

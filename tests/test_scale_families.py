@@ -1,12 +1,11 @@
 """The scale section's pieces: the 3-D anisotropic family under real PETSc CG + GAMG, and
-deploying a sine-mode guess trained on a coarse grid on a finer one (`benchmarks.scale.on_grid`)."""
+deploying a sine-mode guess trained on a coarse grid on a finer one (`MetaSolver.on_grid`)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from benchmarks.scale import on_grid
 from metasolve.method.meta_solver import MetaSolver
 from metasolve.method.params import Space, Vector
 from problems import make_family
@@ -51,7 +50,7 @@ def _constant_guess(coefficients: torch.Tensor, shape: tuple[int, int], modes: i
 def test_on_grid_evaluates_the_same_sine_series_on_the_finer_grid():
     modes = 3
     coefficients = torch.arange(1.0, modes * modes + 1, dtype=torch.float64)
-    fine = on_grid(_constant_guess(coefficients, (7, 7), modes, decay=2.0), (31, 31))
+    fine = _constant_guess(coefficients, (7, 7), modes, decay=2.0).on_grid((31, 31))
     guess = fine.predict(type("T", (), {"features": torch.zeros(1)})())["u0"].reshape(31, 31)
     x = np.arange(1, 32) / 32
     weights = (np.add.outer(np.arange(1, 4) ** 2, np.arange(1, 4) ** 2) / 2.0) ** -1.0  # decay 2
@@ -60,7 +59,7 @@ def test_on_grid_evaluates_the_same_sine_series_on_the_finer_grid():
     assert np.allclose(guess, series, atol=1e-12)
     identity = MetaSolver(1, Space({"u0": Vector(9, basis="identity")}), depth=0)
     with pytest.raises(ValueError, match="identity"):
-        on_grid(identity, (5,))
+        identity.on_grid((5,))
 
 
 def test_a_guess_fitted_on_a_coarse_bratu_grid_saves_newton_steps_on_a_fine_one():
@@ -71,7 +70,7 @@ def test_a_guess_fitted_on_a_coarse_bratu_grid_saves_newton_steps_on_a_fine_one(
     oracle = BratuOracle(rtol=1e-10)
     coarse_solution = oracle(coarse).solution
     vector = Vector(coarse.grid_shape, modes=6)
-    meta = on_grid(_constant_guess(vector.encode(coarse_solution), coarse.grid_shape, 6, decay=0.0), fine.grid_shape)
+    meta = _constant_guess(vector.encode(coarse_solution), coarse.grid_shape, 6, decay=0.0).on_grid(fine.grid_shape)
     guess = meta.predict(type("T", (), {"features": torch.zeros(1)})())["u0"]
     zero = oracle(fine)
     error = np.linalg.norm(guess - zero.solution) / np.linalg.norm(zero.solution)

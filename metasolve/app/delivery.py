@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from metasolve.app.plain_model import (argument_features, check_flag, check_option_name, check_prefix, check_value,
+from metasolve.method.plain_model import (argument_features, check_flag, check_option_name, check_prefix, check_value,
                                        format_value)
 
 DELIVERY_VERSION = 1

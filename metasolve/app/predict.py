@@ -25,7 +25,7 @@ The loop, end to end (`examples/legacy_solver/README.md` runs it on `heat_steppe
    `--table runs.csv` does that for many runs in one call (`job/<id>/metasolve.opts`);
 3. `heat_stepper -n 48 -kappa 0.3 -dt 0.01 -options_file job/metasolve.opts`.
 
-This path imports neither torch nor PETSc (`metasolve.app.plain_model` evaluates the model with
+This path imports neither torch nor PETSc (`metasolve.method.plain_model` evaluates the model with
 numpy, the guess is written in PETSc's binary format by hand), so it fits in a job script
 (benchmarks/results/predict.md). For a model trained on matrix files (the oracle's `-f A.bin
 -rhs b.bin`), `--matrix A.bin --rhs b.bin` computes the model's operator features from the same
@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from metasolve.app.delivery import Delivery, delivery_path, load_delivery, save_for_program
-from metasolve.app.plain_model import (GUESS, PlainModel, check_option_name, check_prefix, format_value, load_plain,
+from metasolve.method.plain_model import (GUESS, PlainModel, check_option_name, check_prefix, format_value, load_plain,
                                        plain_path)
 
 __all__ = ["Delivery", "delivery_path", "describe", "load_delivery", "needs_monitor", "predict", "predict_table",

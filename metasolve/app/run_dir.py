@@ -16,16 +16,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from metasolve.training.checkpoint import list_checkpoints, load_latest
+from metasolve.training.checkpoint import RESUMABLE, config_differences, list_checkpoints, load_latest
 
 log = logging.getLogger("metasolve")
 RECORD = "run.json"
-# Keys a resumed run may change. `train.steps` extends (or shortens) the run, and a cosine
-# schedule is stretched to the new length from the resumed step on; the others only say how
-# often to evaluate or checkpoint, where to write, how many ranks share the solves (the result
-# is bitwise the same for any number), and how the final evaluation is done.
-RESUMABLE = ("train.steps", "train.checkpoint_every", "train.eval_every", "train.out", "problem.eval_tasks",
-             "evaluate.", "parallel.")
 # Files a run writes into its directory, and nothing else: `--overwrite` deletes only these.
 ARTEFACTS = (RECORD, "metrics.jsonl", "meta_solver.pt", "meta_solver.plain.npz", "meta_solver.delivery.json",
              "pretrained.pt", "evaluation.json", "report.md", "learning_curve.png", "iterations.png")
@@ -84,22 +78,6 @@ def code_fingerprint() -> str:
             digest.update(str(path.relative_to(root)).encode())
             digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
-
-
-def _flatten(config: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(config, dict):
-        return {prefix.rstrip("."): config}
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        flat.update(_flatten(value, f"{prefix}{key}."))
-    return flat
-
-
-def config_differences(old: dict, new: dict, accepted: tuple[str, ...] = RESUMABLE) -> list[str]:
-    """`key: old -> new` for every key that differs and that a resumed run may not change."""
-    a, b = _flatten(old), _flatten(new)
-    return [f"{key}: {a.get(key, '<unset>')!r} -> {b.get(key, '<unset>')!r}" for key in sorted(set(a) | set(b))
-            if a.get(key) != b.get(key) and not key.startswith(accepted)]
 
 
 def _holds_a_run(out: Path) -> bool:

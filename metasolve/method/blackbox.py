@@ -13,7 +13,7 @@ from metasolve.method.estimator import Deferred, Estimator
 from metasolve.method.measure import PURPOSES, Measurement, SolveStats, measure
 from metasolve.method.params import Space
 from metasolve.method.protocols import Cost, Executor, Oracle
-from metasolve.training.parallel import SerialExecutor
+from metasolve.method.protocols import SerialExecutor
 
 logger = logging.getLogger("metasolve")
 

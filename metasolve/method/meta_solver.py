@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from metasolve.training.checkpoint import CheckpointError, load_file
+from metasolve.method.files import CheckpointError, load_file
 from metasolve.method.params import Space
 from solvers._petsc import PETSc
 from solvers.deploy import applied
@@ -124,9 +124,9 @@ class MetaSolver(nn.Module):
 
     def save(self, path: str | Path) -> None:
         """The torch file `path` and, beside it, `<stem>.plain.npz`: the same model as plain arrays,
-        which `metasolve predict` evaluates with numpy (`metasolve.app.plain_model`), without
+        which `metasolve predict` evaluates with numpy (`metasolve.method.plain_model`), without
         importing torch. The plain file is written (and its choices checked) first."""
-        from metasolve.app.plain_model import plain_path
+        from metasolve.method.plain_model import plain_path
 
         self.export_plain(plain_path(path))
         torch.save({"meta_solver": self.export()}, path)
@@ -137,9 +137,31 @@ class MetaSolver(nn.Module):
         return {"format_version": EXPORT_VERSION, "spec": dict(self.spec), "space": self.space.to_dict(),
                 "state": self.state_dict()}
 
+    def on_grid(self, grid_shape: Sequence[int]) -> "MetaSolver":
+        """The same predictor deploying on another grid: train where solves are cheap, deploy
+        where they are expensive. Every sine-basis `Vector` part is rebuilt on `grid_shape` with
+        its modes, scale and decay; the weights and the feature normalisation are kept.
+
+        Exact because the discrete sine modes are samples of sin(jπx) at the interior vertices
+        of any grid (`metasolve.method.params.sine_basis`): a coefficient means the same function
+        on every grid. A vector in the identity basis has no such meaning and is refused."""
+        exported = self.export()
+        parts = []
+        for name, part in exported["space"]["parts"]:
+            if part["kind"] == "vector":
+                if part["basis"] != "sine":
+                    raise ValueError(f"space part {name!r} is a vector in the {part['basis']!r} basis: only sine "
+                                     "modes mean the same function on another grid")
+                if len(part["n"]) != len(grid_shape):
+                    raise ValueError(f"space part {name!r} lives on a {len(part['n'])}-D grid, not on "
+                                     f"{tuple(grid_shape)}")
+                part = {**part, "n": [int(s) for s in grid_shape]}
+            parts.append([name, part])
+        return MetaSolver.from_export({**exported, "space": {"parts": parts}}, source="on_grid")
+
     def export_plain(self, path: str | Path) -> None:
-        """Write the plain-array twin of this meta-solver (`metasolve.app.plain_model.write_plain`)."""
-        from metasolve.app.plain_model import write_plain
+        """Write the plain-array twin of this meta-solver (`metasolve.method.plain_model.write_plain`)."""
+        from metasolve.method.plain_model import write_plain
         from metasolve.method.params import ANCHOR_CLIP
 
         arrays = {"feature_mean": self.feature_mean.detach().numpy(), "feature_scale": self.feature_scale.detach().numpy()}

@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
+from metasolve.method.exact_sum import local_allreduce
+from solvers._petsc import PETSc
 from solvers.budget import Budget
 from solvers.outcome import Outcome
 
@@ -85,3 +87,28 @@ class Executor(Protocol):
         ...
 
     def barrier(self) -> None: ...
+
+
+class SerialExecutor:
+    """One process: `map` is a list comprehension and exceptions propagate unchanged."""
+
+    rank = 0
+    size = 1
+    is_root = True
+    solve_comm = PETSc.COMM_SELF
+
+    def map(self, fn: Callable[[Item], Result], items: Iterable[Item],
+            keys: Sequence[Hashable] | None = None) -> list[Result]:
+        """`keys` (for the MPI schedule) changes nothing here."""
+        return [fn(item) for item in items]
+
+    def broadcast(self, obj: Any) -> Any:
+        return obj
+
+    allreduce = staticmethod(local_allreduce)
+
+    def allgather(self, obj: Any) -> list[Any]:
+        return [obj]
+
+    def barrier(self) -> None:
+        """Nothing to wait for."""

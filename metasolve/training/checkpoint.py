@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from metasolve.method.files import CheckpointError, load_file
+
 _NAME = re.compile(r"^checkpoint-(\d+)\.pt$")
 _TEMPORARY = ".checkpoint-*.tmp"
 log = logging.getLogger("metasolve")
@@ -23,9 +25,28 @@ FORMAT_VERSION = 2
 """Written into every checkpoint; a file of another format is refused by name, not misread.
 2: the estimator's pending deferred work and the early-stopping state are part of the state."""
 
+# Keys a resumed run may change. `train.steps` extends (or shortens) the run, and a cosine
+# schedule is stretched to the new length from the resumed step on; the others only say how
+# often to evaluate or checkpoint, where to write, how many ranks share the solves (the result
+# is bitwise the same for any number), and how the final evaluation is done.
+RESUMABLE = ("train.steps", "train.checkpoint_every", "train.eval_every", "train.out", "problem.eval_tasks",
+             "evaluate.", "parallel.")
 
-class CheckpointError(ValueError):
-    """A checkpoint (or model) file that cannot be used; the message names the file."""
+
+def _flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(config, dict):
+        return {prefix.rstrip("."): config}
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        flat.update(_flatten(value, f"{prefix}{key}."))
+    return flat
+
+
+def config_differences(old: dict, new: dict, accepted: tuple[str, ...] = RESUMABLE) -> list[str]:
+    """`key: old -> new` for every key that differs and that a resumed run may not change."""
+    a, b = _flatten(old), _flatten(new)
+    return [f"{key}: {a.get(key, '<unset>')!r} -> {b.get(key, '<unset>')!r}" for key in sorted(set(a) | set(b))
+            if a.get(key) != b.get(key) and not key.startswith(accepted)]
 
 
 def save_checkpoint(directory: Path, step: int, state: dict[str, Any]) -> Path:
@@ -65,33 +86,6 @@ def list_checkpoints(directory: Path) -> list[Path]:
         return []
     found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME.match(p.name))]
     return [p for _, p in sorted(found, reverse=True)]
-
-
-def load_file(path: Path, what: str = "checkpoint") -> Any:
-    """`torch.load(path, weights_only=True)`; any failure is a CheckpointError naming the file."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such {what} file") from None
-    except Exception as error:  # noqa: BLE001 — truncated, random, or a pickle that wants to run code
-        raise CheckpointError(f"{path}: not a readable {what} ({_unreadable(error)})") from None
-
-
-def _unreadable(error: Exception) -> str:
-    """What is wrong with a file torch.load(weights_only=True) rejected, in words (torch's own
-    message for a crafted pickle suggests loading it unsafely, and for random bytes says nothing)."""
-    text = str(error).strip()
-    if "Weights only load failed" in text:
-        found = re.search(r"GLOBAL ([\w.]+)", text)
-        if found:
-            return (f"refused: it holds a pickled Python object, {found.group(1)}, that loading would construct "
-                    "or call; metasolve writes only tensors and plain data")
-        return "not written by torch.save: random or damaged bytes"
-    if isinstance(error, EOFError) or not text:
-        return "empty or truncated"
-    if "central directory" in text:
-        return "truncated or damaged: its zip archive is incomplete"
-    return f"{type(error).__name__}: {text.splitlines()[0]}"
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

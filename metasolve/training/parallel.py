@@ -48,7 +48,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from metasolve.method.exact_sum import local_allreduce
+from metasolve.method.protocols import SerialExecutor  # noqa: F401  (the serial executor lives beside the protocol)
 from solvers._petsc import MPI, PETSc
 
 Item = TypeVar("Item")
@@ -126,31 +126,6 @@ class _RemoteTraceback(Exception):
 
     def __str__(self) -> str:
         return "\n" + self.args[0]
-
-
-class SerialExecutor:
-    """One process: `map` is a list comprehension and exceptions propagate unchanged."""
-
-    rank = 0
-    size = 1
-    is_root = True
-    solve_comm = PETSc.COMM_SELF
-
-    def map(self, fn: Callable[[Item], Result], items: Iterable[Item],
-            keys: Sequence[Hashable] | None = None) -> list[Result]:
-        """`keys` (for the MPI schedule) changes nothing here."""
-        return [fn(item) for item in items]
-
-    def broadcast(self, obj: Any) -> Any:
-        return obj
-
-    allreduce = staticmethod(local_allreduce)
-
-    def allgather(self, obj: Any) -> list[Any]:
-        return [obj]
-
-    def barrier(self) -> None:
-        """Nothing to wait for."""
 
 
 class MPIExecutor:

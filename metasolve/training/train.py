@@ -22,11 +22,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from metasolve.app.run_dir import config_differences
 from metasolve.method.blackbox import BlackBox
 from metasolve.method.meta_solver import MetaSolver
 from metasolve.method.protocols import Executor
-from metasolve.training.checkpoint import CheckpointError, list_checkpoints, load_latest, remove_stale, save_checkpoint
+from metasolve.training.checkpoint import (CheckpointError, config_differences, list_checkpoints, load_latest,
+                                           remove_stale, save_checkpoint)
 from metasolve.training.diagnosis import check_progress, failure_cause, features_of, held_out
 from solvers._petsc import stage
 
