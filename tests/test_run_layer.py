@@ -176,3 +176,20 @@ def test_the_storeys_import_only_downwards():
                     [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
                 found += [f"{path.name}: {name}" for name in names if name.startswith(forbidden)]
     assert not found, found
+
+
+def test_train_on_a_coarse_grid_evaluate_on_a_fine_one(tmp_path):
+    """`[evaluate] params`: the guess's sine modes mean the same function on any grid, so a run
+    trained where solves are cheap is measured where they are not — through the same recipe."""
+    config = tmp_path / "multilevel.toml"
+    config.write_text('[problem]\nfamily = "poisson2d"\nparams = { n = 8 }\ntrain_tasks = 8\neval_tasks = 3\n'
+                      '[solver]\nksp_type = "richardson"\npc_type = "jacobi"\n'
+                      '[space.x0]\nkind = "vector"\nmodes = 3\n'
+                      '[estimator]\nkind = "forward"\n[train]\nsteps = 2\nbatch_size = 2\n'
+                      '[evaluate]\nparams = { n = 16 }\n')
+    result = run(load_config(config), tmp_path / "out", quiet=True)
+    learned = result.evaluation["learned"]
+    assert learned["settings"][0]["x0"] == "<vector of 256>"
+    assert learned["failed"] == [False] * 3
+    zero = result.evaluation["zero guess"]["iterations"]
+    assert sum(learned["iterations"]) < sum(zero)  # the pretrained guess transfers to the finer grid

@@ -60,7 +60,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
               "reference_every": (int, 0), "max_failed_fraction": (_NUMBER, 1.0), "failure_window": (int, 10),
               "surrogate_steps": (int, 10), "patience": (int, 0), "loss": (str, "mean")},
     "evaluate": {"rtol": (_NUMBER, 1e-6), "max_it": (int, 10_000), "constant_evaluations": (int, 10),
-                 "constant_tasks": (int, 8)},
+                 "constant_tasks": (int, 8), "params": (dict, {})},
     "parallel": {"group_size": (int, 1), "schedule": (str, "balanced")},
 }
 

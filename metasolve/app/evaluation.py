@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from metasolve.method.measure import measure
-from metasolve.method.params import Interval, LogInterval
+from metasolve.method.params import Interval, LogInterval, Vector
 
 Baseline = Callable[[Any], dict]
 GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
@@ -39,6 +39,27 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _grid(space: Any) -> tuple[int, ...] | None:
+    shapes = {part.shape for part in space.parts.values() if isinstance(part, Vector)}
+    return shapes.pop() if len(shapes) == 1 else None
+
+
+def on_task_grid(meta_solver: Any, space: Any, cache: dict) -> Callable[[Any], tuple[Any, Any]]:
+    """(model, space) for a task: a task on another grid than the one trained on (`[evaluate]
+    params`) gets the same sine series on its own grid (`MetaSolver.on_grid`), built once per
+    grid, as a deployment would."""
+    grid = _grid(space)
+
+    def choose(task: Any) -> tuple[Any, Any]:
+        shape = tuple(task.grid_shape)
+        if grid is None or not shape or shape == grid:
+            return meta_solver, space
+        if shape not in cache:
+            cache[shape] = meta_solver.on_grid(shape)
+        return cache[shape], cache[shape].space
+    return choose
+
+
 def predicted_setting(meta_solver: Any, space: Any, task: Any) -> tuple[dict, float]:
     """The learned setting of one task and the seconds its prediction took (features excluded:
     they are the task's, and reported apart)."""
@@ -52,8 +73,9 @@ def evaluate(experiment: Any, tasks: Sequence[Any], baselines: Mapping[str, Base
     """Per method: cost (iterations), seconds (solve + setup + prediction), failed, setting — per task."""
     box = experiment.blackbox
     cost = experiment.evaluation_cost
+    deployed = on_task_grid(experiment.meta_solver, box.space, {})
     methods: dict[str, Callable[[Any], tuple[dict, float]]] = {
-        "learned": lambda task: predicted_setting(experiment.meta_solver, box.space, task)}
+        "learned": lambda task: predicted_setting(*deployed(task), task)}
     for name, baseline in baselines.items():
         methods[name] = (lambda task, b=baseline: (b(task) if callable(b) else dict(b), 0.0))
     names = list(methods)
@@ -142,8 +164,8 @@ def baselines(experiment: Any) -> tuple[dict[str, Baseline | dict], dict[str, An
         chosen["best constant"] = setting
         spent["best constant"] = {"setting": {k: _plain(v) for k, v in setting.items()}, "solves": solves}
     if config["model"]["anchor"]:
-        anchored = experiment.untrained_meta_solver
-        chosen["textbook formula"] = lambda task: predicted_setting(anchored, experiment.blackbox.space, task)[0]
+        anchored = on_task_grid(experiment.untrained_meta_solver, experiment.blackbox.space, {})
+        chosen["textbook formula"] = lambda task: predicted_setting(*anchored(task), task)[0]
     return chosen, spent
 
 

@@ -36,6 +36,9 @@ class Experiment:
     untrained_meta_solver: Any = None
     """A frozen copy of the predictor before any training: with `[model] anchor` it deploys the
     textbook formula exactly, the baseline the report compares with."""
+    deploy_tasks: list | None = None
+    """With `[evaluate] params` (e.g. a finer grid), the unseen tasks the final table is measured
+    on; the held-out checks during training keep `eval_tasks`."""
 
     def save_model(self, path: Path) -> None:
         """The deployable predictor, and beside it what deployment needs to reproduce the
@@ -256,6 +259,11 @@ def build_experiment(config: dict, executor: Any) -> Experiment:
                            feature_kind(config))
     train_tasks = family.train_tasks(problem["train_tasks"])
     eval_tasks = family.eval_tasks(problem["eval_tasks"])
+    deploy_tasks = None  # `[evaluate] params`: train where solves are cheap, evaluate where they are not
+    if config["evaluate"]["params"]:
+        deployed = {**problem["params"], **config["evaluate"]["params"]}
+        deploy_tasks = with_features(make_family(problem["family"], seed=problem["seed"], **deployed),
+                                     feature_kind(config)).eval_tasks(problem["eval_tasks"])
     space = build_space(config, train_tasks[0], family)
     feature_dim = train_tasks[0].features.shape[0]
     if config["model"]["kind"] not in ("mlp", "shared"):
@@ -290,7 +298,8 @@ def build_experiment(config: dict, executor: Any) -> Experiment:
     evaluation = RelativeError() if config["cost"]["kind"] == "log_error" else \
         Iterations(config["evaluate"]["rtol"], config["evaluate"]["max_it"])
     untrained = copy.deepcopy(meta_solver) if config["model"]["anchor"] else None
-    return Experiment(config, family, train_tasks, eval_tasks, meta_solver, blackbox, trainer, evaluation, untrained)
+    return Experiment(config, family, train_tasks, eval_tasks, meta_solver, blackbox, trainer, evaluation, untrained,
+                      deploy_tasks)
 
 
 def anchor_indices(config: dict, family: Any) -> dict[str, int]:

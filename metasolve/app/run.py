@@ -130,7 +130,8 @@ def _run(config: dict, out: Path, record: dict, executor: Any, resume: bool, qui
     train_seconds = time.perf_counter() - begin
 
     compared, spent = baselines(experiment)
-    evaluation = evaluate(experiment, experiment.eval_tasks, compared)
+    unseen = experiment.deploy_tasks if experiment.deploy_tasks is not None else experiment.eval_tasks
+    evaluation = evaluate(experiment, unseen, compared)
     summary = summarize(evaluation)
     _refuse_failing(evaluation)
     stats = experiment.blackbox.stats
