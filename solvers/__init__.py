@@ -1,17 +1,26 @@
-"""The black boxes: real solvers behind one base class, `Oracle` — `oracle(task, setting) -> Outcome`."""
-from solvers._petsc import PETSc  # noqa: F401  (imports mpi4py.MPI first)
-from solvers.budget import Budget
-from solvers.dmda_snes import DMDAProblem, DMDASNESOracle
-from solvers.executable import ExecutableOracle
-from solvers.isolated import IsolatedOracle
-from solvers.ksp import KSPOracle
-from solvers.linear_system import LinearSystem
-from solvers.oracle import Oracle
-from solvers.outcome import Outcome
-from solvers.program_task import ArgumentFeatures, ProgramTask
-from solvers.snes import SNESOracle
-from solvers.twins import cg_residuals, jacobi_residuals, twin_for
+"""The black boxes: real solvers behind one base class, `Oracle` — `oracle(task, setting) -> Outcome`.
 
-__all__ = ["ArgumentFeatures", "Budget", "DMDAProblem", "DMDASNESOracle", "ExecutableOracle", "IsolatedOracle",
-           "KSPOracle", "LinearSystem", "Oracle", "Outcome", "ProgramTask", "SNESOracle", "cg_residuals",
-           "jacobi_residuals", "twin_for"]
+The names below load on first use: `solvers.text` (option and argument text) serves the
+torch- and PETSc-free deployment path, which must not pay for importing PETSc."""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Budget": "solvers.budget", "DMDAProblem": "solvers.dmda_snes", "DMDASNESOracle": "solvers.dmda_snes",
+    "ExecutableOracle": "solvers.executable", "IsolatedOracle": "solvers.isolated", "KSPOracle": "solvers.ksp",
+    "LinearSystem": "solvers.linear_system", "Oracle": "solvers.oracle", "Outcome": "solvers.outcome",
+    "ArgumentFeatures": "solvers.program_task", "ProgramTask": "solvers.program_task", "SNESOracle": "solvers.snes",
+    "cg_residuals": "solvers.twins", "jacobi_residuals": "solvers.twins", "twin_for": "solvers.twins",
+    "PETSc": "solvers._petsc",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'solvers' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value

@@ -19,37 +19,14 @@ import numpy as np
 import petsc4py
 
 from solvers._petsc import PETSc
+from solvers.text import OPTION_NAME, format_value, option_name  # noqa: F401  (re-exported)
 
-_OPTION_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 _prefix_counter = itertools.count()
 
 
 def unique_prefix(stem: str = "metasolve") -> str:
     """A fresh options prefix, so concurrent or successive solvers never share options."""
     return f"{stem}{os.getpid()}_{next(_prefix_counter)}_"
-
-
-def option_name(key: str) -> str:
-    """Normalise `-pc_sor_omega` / `pc_sor_omega` to `pc_sor_omega`, rejecting malformed names."""
-    name = key.lstrip("-")
-    if not _OPTION_NAME.match(name):
-        raise ValueError(f"invalid PETSc option name {key!r}: use lowercase letters, digits and '_'")
-    return name
-
-
-def format_value(value: Any) -> str:
-    """PETSc's textual form of an option value; floats keep every digit."""
-    if value is None:
-        return ""
-    if isinstance(value, (bool, np.bool_)):
-        return "true" if value else "false"
-    if isinstance(value, (float, np.floating)):
-        if not np.isfinite(value):
-            raise ValueError(f"non-finite option value {value!r}")
-        return repr(float(value))
-    if isinstance(value, (list, tuple, np.ndarray)):
-        return ",".join(format_value(v) for v in value)
-    return str(value)
 
 
 class SplitSetting(NamedTuple):

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from solvers.text import parse_arguments  # noqa: F401  (re-exported)
+
 
 @dataclass(frozen=True)
 class YoungOmega:
@@ -153,25 +155,3 @@ class ProgramTask:
         return [token for key, value in self.arguments.items() for token in (f"-{key}", str(value))]
 
 
-def parse_arguments(tokens: Sequence[str]) -> dict[str, str]:
-    """`['-n', '48', '-kappa', '0.3']` → `{'n': '48', 'kappa': '0.3'}` (a flag without a value → '')."""
-    arguments: dict[str, str] = {}
-    key = None
-    for token in tokens:
-        if token.startswith("-") and len(token) > 1 and not _is_number(token):
-            key = token[1:]
-            arguments[key] = ""
-        elif key is None:
-            raise ValueError(f"program argument {token!r} does not follow an option name (-name value)")
-        else:
-            arguments[key] = token
-            key = None
-    return arguments
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from metasolve.method.plain_model import (argument_features, check_flag, check_option_name, check_prefix, check_value,
-                                       format_value)
+from metasolve.method.plain_model import argument_features, check_flag, check_option_name, check_prefix, check_value
+from solvers.text import format_value
 
 DELIVERY_VERSION = 1
 _ARGUMENT = re.compile(r"^-?[A-Za-z][A-Za-z0-9_]*$")

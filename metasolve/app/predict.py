@@ -46,8 +46,8 @@ from typing import Any
 import numpy as np
 
 from metasolve.app.delivery import Delivery, delivery_path, load_delivery, save_for_program
-from metasolve.method.plain_model import (GUESS, PlainModel, check_option_name, check_prefix, format_value, load_plain,
-                                       plain_path)
+from metasolve.method.plain_model import GUESS, PlainModel, check_option_name, check_prefix, load_plain, plain_path
+from solvers.text import format_value, is_number, parse_arguments
 
 __all__ = ["Delivery", "delivery_path", "describe", "load_delivery", "needs_monitor", "predict", "predict_table",
            "run_predict", "save_for_program", "write_petsc_vector"]
@@ -111,7 +111,7 @@ def needs_monitor(options: Mapping[str, str]) -> bool:
     if options.get("ksp_richardson_self_scale", "false") not in ("false", "0", "no"):
         return False
     scale = options.get("ksp_richardson_scale")
-    if scale is not None and (not _is_float(scale) or float(scale) != 1.0):
+    if scale is not None and (not is_number(scale) or float(scale) != 1.0):
         return False
     if any(name.startswith("ksp_monitor") and name != "ksp_monitor_cancel" for name in options):
         return False
@@ -226,31 +226,6 @@ def prepare_directory(out: Path) -> None:
         raise ValueError(f"--out {out}: cannot create the directory ({error.strerror or error})") from None
     if not os.access(out, os.W_OK | os.X_OK):
         raise ValueError(f"--out {out}: the directory is not writable")
-
-
-def parse_arguments(tokens: Sequence[str]) -> dict[str, str]:
-    """`['-n', '48', '-kappa', '0.3']` → `{'n': '48', 'kappa': '0.3'}` (a flag without a value → '');
-    `solvers.program_task.parse_arguments` without importing `solvers` (which loads PETSc)."""
-    arguments: dict[str, str] = {}
-    key = None
-    for token in tokens:
-        if token.startswith("-") and len(token) > 1 and not _is_float(token):
-            key = token[1:]
-            arguments[key] = ""
-        elif key is None:
-            raise ValueError(f"program argument {token!r} does not follow an option name (-name value)")
-        else:
-            arguments[key] = token
-            key = None
-    return arguments
-
-
-def _is_float(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def read_table(table: Path) -> list[tuple[str, dict[str, str]]]:

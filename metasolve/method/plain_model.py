@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from solvers.text import OPTION_NAME, format_value  # noqa: F401  (format_value: part of this module's surface)
+
 FORMAT_VERSION = 1
 """Version of the plain file's layout; a loader refuses any other (an older metasolve cannot
 know what a newer file means)."""
@@ -37,7 +39,6 @@ PLAIN_SUFFIX = ".plain.npz"
 GUESS = "x0"
 """The setting entry that is an initial guess, not an option (as `solvers.options.split_setting`)."""
 
-_OPTION_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _VALUE_TOKEN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.,+-]*$")
 _PREFIX = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
@@ -59,7 +60,7 @@ def check_identifier(name: str, where: str) -> str:
 
 def check_option_name(name: str, where: str) -> str:
     """A learned option's name: lowercase PETSc name, none of `_FORBIDDEN_WORDS`."""
-    if not isinstance(name, str) or not _OPTION_NAME.match(name):
+    if not isinstance(name, str) or not OPTION_NAME.match(name):
         raise ValueError(f"{where}: {name!r} is not a PETSc option name (lowercase letters, digits, '_')")
     forbidden = sorted(set(name.split("_")) & _FORBIDDEN_WORDS)
     if forbidden:
@@ -98,23 +99,6 @@ def check_flag(flag: str) -> str:
     if set(flag[1:].lower().split("_")) & (_FORBIDDEN_WORDS - {"file", "load"}):
         raise ValueError(f"invalid option flag {flag!r}: not a program's own input option")
     return flag
-
-
-def format_value(value: Any) -> str:
-    """PETSc's text of a value (as `solvers.options.format_value`: floats keep every digit)."""
-    if value is None:
-        return ""
-    if isinstance(value, (bool, np.bool_)):
-        return "true" if value else "false"
-    if isinstance(value, (float, np.floating)):
-        if not np.isfinite(value):
-            raise ValueError(f"non-finite option value {value!r}")
-        return repr(float(value))
-    if isinstance(value, (int, np.integer)):
-        return str(int(value))
-    if isinstance(value, (list, tuple, np.ndarray)):
-        return ",".join(format_value(v) for v in value)
-    return str(value)
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
