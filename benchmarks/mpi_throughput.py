@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -37,8 +38,11 @@ import numpy as np
 import torch
 
 from benchmarks.mpi_step import PARTS
-from metasolve.training.parallel import block, longest_first
+from metasolve.app.config import parse_config
+from metasolve.app.experiment import build_experiment
 from metasolve.app.report import markdown_table
+from metasolve.training.parallel import SerialExecutor, block, longest_first
+from solvers._petsc import PETSc
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -111,17 +115,25 @@ def _mpiexec() -> str:
     return str(Path(sys.executable).parent / "mpiexec")
 
 
+def _children_cpu() -> float:
+    """User + system seconds of every finished child so far: a run's CPU, which other jobs on the
+    machine do not inflate the way they inflate its wall time."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def whole_command(config: Path, overrides: dict, ranks: int, out: Path) -> dict:
     """One `metasolve train`-equivalent command under mpiexec: wall seconds (start-up included),
     executor rounds, the saved meta-solver."""
-    begin = time.perf_counter()
+    begin, cpu = time.perf_counter(), _children_cpu()
     done = subprocess.run([_mpiexec(), "-n", str(ranks), sys.executable, "-m", "benchmarks.mpi_step", "--command",
                            str(config), str(out), json.dumps(overrides)],
                           capture_output=True, text=True, timeout=3600, env=_environment(), cwd=ROOT)
-    seconds = time.perf_counter() - begin
+    seconds, cpu = time.perf_counter() - begin, _children_cpu() - cpu
     if done.returncode != 0:  # one config's failure is a row of the table, not the end of the section
-        return {"seconds": seconds, "failed": done.stderr[-2000:], "rounds": 0, "replicated": 0, "model": None}
-    return {"seconds": seconds, **json.loads((out / "executor.json").read_text()),
+        return {"seconds": seconds, "cpu": cpu, "failed": done.stderr[-2000:], "rounds": 0, "replicated": 0,
+                "model": None}
+    return {"seconds": seconds, "cpu": cpu, **json.loads((out / "executor.json").read_text()),
             "model": torch.load(out / "meta_solver.pt", weights_only=True)}
 
 
@@ -157,6 +169,8 @@ def commands_table(scratch: Path, repeats: int, names: list[str]) -> tuple[list[
         rows.append({"config": name, "1 rank s (median)": median1, "2 ranks s (median)": median2,
                      "speedup (median)": median1 / median2, "1 rank s (min)": min1, "2 ranks s (min)": min2,
                      "speedup (min)": min1 / min2,
+                     "CPU s, 1 / 2 ranks (median)": f"{statistics.median(r['cpu'] for r in one):.1f} / "
+                                                    f"{statistics.median(r['cpu'] for r in two):.1f}",
                      "replicated rounds": f"{sum(r['replicated'] for r in two)}/{rounds}",
                      "replicated_fraction": sum(r["replicated"] for r in two) / max(rounds, 1),
                      "identical": all(_identical(a["model"], b["model"]) for a in one for b in two),
@@ -201,11 +215,6 @@ def flop_proxy(tasks: int = 64, batch: int = 16, trials: int = 200) -> dict:
     """Deterministic load imbalance of the heterogeneous family: PETSc flops of each task's solves
     (centre + one query at the initial ω), then slowest-rank flops / mean for random batches cut
     into contiguous blocks (static) or assigned longest-first with the flops as costs (balanced)."""
-    from metasolve.app.config import parse_config
-    from metasolve.app.experiment import build_experiment
-    from metasolve.training.parallel import SerialExecutor
-    from solvers._petsc import PETSc
-
     config = parse_config(HETEROGENEOUS.format(steps=1, tasks=tasks, schedule="balanced", chunk_rows=0), "<flop proxy>")
     experiment = build_experiment(config, SerialExecutor())
     box = experiment.blackbox

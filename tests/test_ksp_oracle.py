@@ -433,3 +433,32 @@ def test_on_two_ranks_a_timed_out_solve_ends_at_the_same_iteration_everywhere():
     result = run_mpi(REPO_ROOT / "tests" / "mpi_scripts" / "ksp_timeout.py", 2, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "OK both ranks timed out" in result.stdout, result.stdout + result.stderr
+
+
+def test_a_timeout_keeps_a_convergence_test_set_in_code_by_a_ksp_factory():
+    """A factory's own Python convergence test still decides when the solve ends in time; past
+    the timeout, the deadline ends it."""
+    def factory(A):
+        ksp = PETSc.KSP().create(comm=PETSc.COMM_SELF)
+        ksp.setOperators(A)
+        ksp.setType("richardson")
+        ksp.getPC().setType("none")
+        ksp.setTolerances(rtol=1e-12, max_it=2**31 - 1)
+        ksp.setConvergenceTest(lambda _k, its, _r, stop_at: PETSc.KSP.ConvergedReason.CONVERGED_ITS
+                               if its >= stop_at else None, args=(stop_at,))
+        return ksp
+
+    task = LinearSystem(laplacian_1d(50), np.ones(50))
+    stop_at = 3
+    stopped = KSPOracle(ksp_factory=factory, timeout=600.0)(task, {"ksp_richardson_scale": 1e-9})
+    assert stopped.converged and stopped.iterations == 3 and stopped.error is None
+    stop_at = 2**31 - 1  # the factory's test never stops it
+    hung = KSPOracle(ksp_factory=factory, timeout=1.0)(task, {"ksp_richardson_scale": 1e-9})
+    assert hung.failed and hung.error.startswith("timed out after 1 s")
+
+
+def test_max_it_at_the_petscint_limit_solves():
+    """max_it = 2^31 - 1 (what `solver.max_it < 2^31` admits): the residual history of max_it + 1
+    entries once overflowed a PetscInt (OverflowError, a traceback)."""
+    outcome = KSPOracle("cg", "jacobi", max_it=2**31 - 1)(poisson_2d(8, seed=0))
+    assert outcome.converged and len(outcome.residuals) == outcome.iterations + 1

@@ -355,3 +355,89 @@ def test_after_resume_the_checkpoints_from_before_the_stop_are_pruned_too(tmp_pa
     assert train(tiny(tmp_path, steps=6, every=1), out, "--resume") == 0
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["checkpoint-00000006.pt",
                                                                       "checkpoint-00000005.pt"]
+
+
+def test_a_trained_predictor_whose_held_out_solves_fail_did_not_lower_the_cost(caplog):
+    """"held-out cost: untrained 194.833 -> trained nan (+nan%)" once passed the "did not lower"
+    check (NaN compares false). Here θ saturates ω towards 3, which PETSc's SOR refuses."""
+    from metasolve import ForwardGradient, Interval, LogResidual, Space
+    from metasolve.method.blackbox import BlackBox
+    from metasolve.training.diagnosis import check_progress, held_out
+    from solvers import KSPOracle
+    from tests.systems import poisson_1d
+
+    tasks = [poisson_1d(15, seed=s) for s in range(3)]
+    for task in tasks:
+        task.features = torch.ones(1, dtype=torch.float64)
+    box = BlackBox(KSPOracle("richardson", "sor"), Space({"pc_sor_omega": Interval(0.5, 3.0)}), LogResidual(5),
+                   ForwardGradient(tangents=1))
+    model = torch.nn.Linear(1, 1, bias=False).double()
+    torch.nn.init.zeros_(model.weight)  # θ = 0: ω = 1.75
+    untrained = held_out(box, model, tasks)
+    assert untrained["failed"] == 0
+    torch.nn.init.constant_(model.weight, 50.0)  # ω -> 3
+    with caplog.at_level("INFO", logger="metasolve"):
+        report = check_progress(box, model, tasks, untrained, history=[{"loss": 1.0}, {"loss": float("nan")}])
+    assert math.isnan(report["trained_cost"]) and report["trained_failed"] == 3
+    assert "training did not lower the held-out cost" in caplog.text
+    assert "3 of 3 held-out solves of the trained predictor failed" in caplog.text
+    assert "pc_sor_omega" in " ".join(report["causes"])  # the setting PETSc refused, with its message
+
+
+def test_keep_better_counts_failed_validation_solves_before_costs():
+    """A Choice whose trained pick (LU, natural ordering: one iteration) fails with a zero pivot on
+    one validation task of three once looked cheapest, because the mean skipped the failure."""
+    import numpy as np
+    import scipy.sparse as sp
+
+    from metasolve import Choice, IterationProxy, Space
+    from metasolve.method.blackbox import BlackBox
+    from metasolve.method.score_function import ScoreFunction
+    from metasolve.training.pretrain import keep_better
+    from solvers import KSPOracle, LinearSystem
+    from tests.systems import poisson_1d
+
+    swap = LinearSystem(sp.csr_matrix(np.array([[0.0, 1.0], [1.0, 0.0]])), np.array([1.0, 2.0]), name="zero-pivot")
+    validation = [poisson_1d(15, seed=0), swap, poisson_1d(15, seed=1)]
+    for task in validation:
+        task.features = torch.ones(1, dtype=torch.float64)
+    space = Space({"solver": Choice([{"pc_type": "none"}, {"pc_type": "lu", "pc_factor_mat_ordering_type": "natural"}])})
+    box = BlackBox(KSPOracle("gmres", "none", rtol=1e-8), space, IterationProxy(1e-8, max_it=100), ScoreFunction(space))
+    model = torch.nn.Linear(1, 2, bias=False).double()
+    torch.nn.init.zeros_(model.weight)  # untrained: equal logits, the first candidate
+    untrained = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[0.0], [5.0]], dtype=torch.float64))  # "trained": LU everywhere
+    choice = keep_better(model, box, {"untrained": untrained}, validation)
+    assert choice["failed"] == {"trained": 1, "untrained": 0}
+    assert choice["costs"]["trained"] < choice["costs"]["untrained"]  # cheaper where it works ...
+    assert choice["kept"] == "untrained" and torch.equal(model.weight, untrained["weight"])  # ... yet not kept
+
+
+@pytest.mark.parametrize("part, space, solver, needle", [
+    ("solver", 'kind = "choice"\nchoices = [{ pc_type = "jacobi" }, { pc_type = "sor" }]', "",
+     "they need estimator.kind = 'score_function'"),
+    ("p", 'kind = "parameters"', "", "space.p.kind = 'parameters'"),
+    ("x0", X0, 'prefix = "foo_"', "solver.prefix"),
+])
+def test_mistakes_only_the_builder_sees_are_config_errors_not_tracebacks(tmp_path, capsys, part, space, solver, needle):
+    """They once ended in a ValueError traceback with exit 1."""
+    assert train(tiny(tmp_path, part=part, space=space, solver=solver), tmp_path / "out") == 2
+    error = capsys.readouterr().err
+    assert "config error" in error and needle in error
+
+
+def test_a_choice_run_weighs_the_untrained_predictor_before_deploying(tmp_path, capsys):
+    """Keep-better ran only after a supervised start, which a Choice never has: the trained choice
+    was deployed whatever it cost on validation tasks."""
+    config = tiny(tmp_path, part="solver", steps=2,
+                  space='kind = "choice"\nchoices = [{ pc_type = "jacobi" }, { pc_type = "sor" }]')
+    config.write_text(config.read_text().replace('[estimator]\nkind = "forward"', '[estimator]\nkind = "score_function"')
+                      .replace("enabled = false", "enabled = true"))
+    out = tmp_path / "out"
+    assert main(["train", str(config), "--out", str(out)]) == 0  # not --quiet: the comparison is printed
+    printed = capsys.readouterr().out
+    assert "training cost on validation tasks: trained" in printed and "untrained" in printed
+    kept = json.loads((out / "evaluation.json").read_text())["kept"]
+    assert kept in ("trained", "untrained") and f"keeping the {kept} weights" in printed
+    assert set(torch.load(out / "pretrained.pt", weights_only=True)) == {"untrained"}  # for a resumed run too

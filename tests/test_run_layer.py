@@ -193,3 +193,11 @@ def test_train_on_a_coarse_grid_evaluate_on_a_fine_one(tmp_path):
     assert learned["failed"] == [False] * 3
     zero = result.evaluation["zero guess"]["iterations"]
     assert sum(learned["iterations"]) < sum(zero)  # the pretrained guess transfers to the finer grid
+
+
+def test_a_vector_guess_on_a_family_of_varying_grids_is_a_named_config_error(tmp_path, capsys):
+    config = tmp_path / "varying.toml"
+    config.write_text('[problem]\nfamily = "diffusion"\nparams = { n_range = [8, 12] }\ntrain_tasks = 8\n'
+                      '[space.x0]\nkind = "vector"\nmodes = 2\n[train]\nbatch_size = 2\n')
+    assert main(["train", str(config), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    assert "space.x0" in capsys.readouterr().err

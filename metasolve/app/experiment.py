@@ -94,7 +94,7 @@ def build_space(config: dict, example_task: Any, family: Any = None) -> Space:
                                  decay=part["decay"])
         elif part["kind"] == "parameters":
             if not family.parameter_count:
-                raise ValueError(f"space.{name}.kind = 'parameters': problem family "
+                raise ConfigError(f"space.{name}.kind = 'parameters': problem family "
                                  f"{config['problem']['family']!r} has no model parameters to calibrate")
             parts[name] = Vector(family.parameter_count, basis="identity")
         elif part["kind"] == "interval":
@@ -126,7 +126,7 @@ def build_cost(config: dict) -> Any:
         return LogWorkToTolerance(cost["rtol"], max_it=cost["max_it"], measure=cost["measure"])
     if cost["kind"] == "log_error":
         return LogError()
-    raise ValueError(f"cost.kind must be 'residual_area', 'log_residual', 'iteration_proxy', 'work', 'log_work' "
+    raise ConfigError(f"cost.kind must be 'residual_area', 'log_residual', 'iteration_proxy', 'work', 'log_work' "
                      f"or 'log_error', "
                      f"got {cost['kind']!r}")
 
@@ -134,12 +134,12 @@ def build_cost(config: dict) -> Any:
 def build_oracle(config: dict, executor: Any, family: Any = None) -> Any:
     solver = config["solver"]
     if solver["prefix"] and solver["kind"] != "executable":
-        raise ValueError(f"solver.prefix = {solver['prefix']!r} is the options prefix of a program's solver: it "
+        raise ConfigError(f"solver.prefix = {solver['prefix']!r} is the options prefix of a program's solver: it "
                          f"applies to kind = 'executable', not {solver['kind']!r}")
     if solver["kind"] == "family":
         oracle = family.oracle()
         if oracle is None:
-            raise ValueError(f"solver.kind = 'family': problem family {config['problem']['family']!r} brings no solver")
+            raise ConfigError(f"solver.kind = 'family': problem family {config['problem']['family']!r} brings no solver")
         return oracle
     if solver["kind"] == "ksp":
         from solvers import KSPOracle
@@ -150,21 +150,21 @@ def build_oracle(config: dict, executor: Any, family: Any = None) -> Any:
             from solvers import IsolatedOracle
 
             if executor.solve_comm.getSize() != 1:
-                raise ValueError("solver.isolate = true solves each task in a process of its own: "
+                raise ConfigError("solver.isolate = true solves each task in a process of its own: "
                                  "it cannot be combined with parallel.group_size > 1")
             return IsolatedOracle(functools.partial(KSPOracle, **recipe), timeout=solver["timeout"])
         return KSPOracle(**recipe, comm=executor.solve_comm, timeout=solver["timeout"])  # also lets signals in
     if solver["isolate"]:
-        raise ValueError(f"solver.isolate = true applies to in-process solvers (kind = 'ksp'); "
+        raise ConfigError(f"solver.isolate = true applies to in-process solvers (kind = 'ksp'); "
                          f"kind = {solver['kind']!r} already runs outside the training process")
     if solver["kind"] == "executable":
         from solvers import ExecutableOracle
 
         if not solver["command"]:
-            raise ValueError("solver.kind = 'executable' needs solver.command")
+            raise ConfigError("solver.kind = 'executable' needs solver.command")
         return ExecutableOracle(command=solver["command"], timeout=solver["timeout"], options=solver["options"],
                                 prefix=solver["prefix"])
-    raise ValueError(f"solver.kind must be 'ksp', 'executable' or 'family', got {solver['kind']!r}")
+    raise ConfigError(f"solver.kind must be 'ksp', 'executable' or 'family', got {solver['kind']!r}")
 
 
 def build_estimator(config: dict, features: torch.Tensor, theta_dim: int, family: Any = None,
@@ -185,13 +185,13 @@ def build_estimator(config: dict, features: torch.Tensor, theta_dim: int, family
         if s["kind"] == "family":  # the problem's own differentiable model of the cost
             linearised = family.linearised_correction()
             if linearised is None:
-                raise ValueError(f"surrogate.kind = 'family': problem family {config['problem']['family']!r} has none")
+                raise ConfigError(f"surrogate.kind = 'family': problem family {config['problem']['family']!r} has none")
             correction, inputs = linearised
             net = LinearisedResponse(correction, inputs=inputs)
         elif s["kind"] == "log_affine":  # log-residual of an initial guess under a linear iteration
             net = Surrogate.log_affine(features.shape[1], theta_dim, seed=config["train"]["seed"])
         elif s["kind"] != "mlp":
-            raise ValueError(f"surrogate.kind must be 'mlp', 'log_affine' or 'family', got {s['kind']!r}")
+            raise ConfigError(f"surrogate.kind must be 'mlp', 'log_affine' or 'family', got {s['kind']!r}")
         else:
             sample = torch.cat([features, torch.zeros(features.shape[0], theta_dim, dtype=torch.float64)], dim=1)
             net = Surrogate.mlp(features.shape[1], theta_dim, hidden=s["hidden"], depth=s["depth"], inputs=sample)
@@ -200,7 +200,7 @@ def build_estimator(config: dict, features: torch.Tensor, theta_dim: int, family
                               seed=config["train"]["seed"], chunk_rows=s["chunk_rows"], executor=executor)
         return ControlVariate(base, surrogate, coefficient=spec["coefficient"], decay=spec["decay"],
                               allocation=spec["allocation"])
-    raise ValueError(f"estimator.kind must be forward, control_variate, spsa, finite_difference or "
+    raise ConfigError(f"estimator.kind must be forward, control_variate, spsa, finite_difference or "
                      f"score_function, got {kind!r}")
 
 
@@ -232,7 +232,7 @@ def build_schedule(train: dict, optimizer: torch.optim.Optimizer) -> Any:
         return None
     if train["schedule"] == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=train["steps"])
-    raise ValueError(f"train.schedule must be 'constant' or 'cosine', got {train['schedule']!r}")
+    raise ConfigError(f"train.schedule must be 'constant' or 'cosine', got {train['schedule']!r}")
 
 
 def feature_kind(config: dict) -> str:
@@ -252,7 +252,7 @@ def feature_kind(config: dict) -> str:
 def build_experiment(config: dict, executor: Any) -> Experiment:
     problem, train = config["problem"], config["train"]
     if train["loss"] == "log_mean" and config["cost"]["kind"] not in POSITIVE_COSTS:
-        raise ValueError(f"train.loss = 'log_mean' takes the log of every cost: cost.kind must be one of "
+        raise ConfigError(f"train.loss = 'log_mean' takes the log of every cost: cost.kind must be one of "
                          f"{', '.join(POSITIVE_COSTS)} (always positive), got {config['cost']['kind']!r}")
     torch.manual_seed(train["seed"])
     family = with_features(make_family(problem["family"], seed=problem["seed"], **problem["params"]),
@@ -264,10 +264,16 @@ def build_experiment(config: dict, executor: Any) -> Experiment:
         deployed = {**problem["params"], **config["evaluate"]["params"]}
         deploy_tasks = with_features(make_family(problem["family"], seed=problem["seed"], **deployed),
                                      feature_kind(config)).eval_tasks(problem["eval_tasks"])
+    vectors = [name for name, part in config["space"].items() if part["kind"] == "vector"]
+    grids = {tuple(task.grid_shape) or (task.size,) for task in train_tasks} if vectors else set()
+    if len(grids) > 1:
+        raise ConfigError(f"space.{vectors[0]}: a vector part has one length, and the training tasks of family "
+                          f"{config['problem']['family']!r} come on {len(grids)} different grids "
+                          f"({', '.join(map(str, sorted(grids)[:3]))}, ...); fix the grid size in problem.params")
     space = build_space(config, train_tasks[0], family)
     feature_dim = train_tasks[0].features.shape[0]
     if config["model"]["kind"] not in ("mlp", "shared"):
-        raise ValueError(f"model.kind must be 'mlp' (θ per task) or 'shared' (one θ), got {config['model']['kind']!r}")
+        raise ConfigError(f"model.kind must be 'mlp' (θ per task) or 'shared' (one θ), got {config['model']['kind']!r}")
     if config["model"]["kind"] == "shared":  # a calibration: one θ for every task
         meta_solver = SharedParameters(space, family.initial_parameters())
     else:
@@ -279,7 +285,7 @@ def build_experiment(config: dict, executor: Any) -> Experiment:
     if config["estimator"]["kind"] == "score_function":
         estimator = build_score_function(config, features, space)
     elif space.discrete_parts():
-        raise ValueError(f"the space has discrete parts {sorted(space.discrete_parts())}: they need "
+        raise ConfigError(f"the space has discrete parts {sorted(space.discrete_parts())}: they need "
                          f"estimator.kind = 'score_function', got {config['estimator']['kind']!r}")
     else:
         estimator = build_estimator(config, features, space.dim, family, executor)

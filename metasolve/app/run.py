@@ -125,7 +125,8 @@ def _run(config: dict, out: Path, record: dict, executor: Any, resume: bool, qui
     if candidates is not None:
         choice = keep_better(experiment.meta_solver, experiment.blackbox, candidates, _validation_tasks(experiment))
         kept = choice["kept"]
-        costs = ", ".join(f"{name} {cost:.6g}" for name, cost in choice["costs"].items())
+        costs = ", ".join(f"{name} {cost:.6g}" + (f" ({choice['failed'][name]} failed)" if choice["failed"][name] else "")
+                          for name, cost in choice["costs"].items())
         _say(executor, f"metasolve: training cost on validation tasks: {costs}; keeping the {kept} weights", quiet)
     train_seconds = time.perf_counter() - begin
 
@@ -159,6 +160,10 @@ def _supervised_start(experiment: Experiment, executor: Any, out: Path, resumed:
     untrained = {k: v.clone() for k, v in meta.state_dict().items()}
     report = supervised_start(meta, experiment.blackbox, experiment.train_tasks,
                               tasks_used=spec["tasks"], search_solves=spec["search_solves"])
+    if report is None and experiment.blackbox.space.discrete_parts():  # nothing to fit: a Choice, an Integer;
+        candidates = {"untrained": untrained}                          # still weigh the untrained predictor
+        _on_root(executor, lambda: torch.save(candidates, kept_path))
+        return candidates
     if report is None:
         return None
     trainer = experiment.trainer
@@ -213,7 +218,7 @@ def _write(out: Path, experiment: Experiment, result: RunResult, history: list[d
     if progress:
         verdict = progress["trained_cost"] < progress["untrained_cost"]
         notes.append(f"Held-out training cost: untrained {progress['untrained_cost']:.6g}, trained "
-                     f"{progress['trained_cost']:.6g}." + ("" if verdict or not math.isfinite(progress["trained_cost"])
+                     f"{progress['trained_cost']:.6g}." + ("" if verdict
                                                             else " **Training did not lower it.**")
                      + (f" Likely cause: {' '.join(progress['causes'])}" if "causes" in progress else ""))
     report = write_report(out, f"metasolve run: {experiment.config['problem']['family']}", history,

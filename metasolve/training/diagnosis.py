@@ -68,18 +68,29 @@ def held_out(box: BlackBox, meta_solver: nn.Module, tasks: Sequence[Any]) -> dic
 def check_progress(box: BlackBox, meta_solver: nn.Module, tasks: Sequence[Any], untrained: Mapping[str, Any],
                    history: Sequence[Mapping[str, Any]], min_improvement: float = 0.01) -> dict[str, Any]:
     """Held-out training cost, untrained vs trained; a warning with likely causes when it improved by
-    less than `min_improvement` (relative) — training then achieved nothing."""
+    less than `min_improvement` (relative) — training then achieved nothing. A NaN cost (a failed
+    held-out solve) is no improvement: `lr = 1e300` once saturated θ so that every trained solve
+    failed, and "untrained 194.833 -> trained nan" passed as if training had worked."""
     now = held_out(box, meta_solver, tasks)
     before, after = untrained["cost"], now["cost"]
     improvement = (before - after) / max(abs(before), 1e-12)
-    report: dict[str, Any] = {"untrained_cost": before, "trained_cost": after, "relative_improvement": improvement}
+    report: dict[str, Any] = {"untrained_cost": before, "trained_cost": after, "relative_improvement": improvement,
+                              "trained_failed": now["failed"]}
     log.info("held-out cost: untrained %.6g -> trained %.6g (%+.1f%%)", before, after, -100 * improvement)
-    if improvement < min_improvement:
-        causes = likely_causes(box, meta_solver, tasks, now["theta"], untrained["theta"], history)
+    if not improvement >= min_improvement:  # NaN included
+        causes = failed_causes(box, tasks, now) if now["failed"] else \
+            likely_causes(box, meta_solver, tasks, now["theta"], untrained["theta"], history)
         report["causes"] = causes
         log.warning("training did not lower the held-out cost (untrained %.6g, trained %.6g). Likely cause: %s",
                     before, after, " ".join(causes))
     return report
+
+
+def failed_causes(box: BlackBox, tasks: Sequence[Any], trained: Mapping[str, Any]) -> list[str]:
+    """Why the trained predictor's held-out cost is not a number: its solves failed, with PETSc's
+    message for one of them."""
+    return [f"{trained['failed']} of {len(tasks)} held-out solves of the trained predictor failed "
+            f"(its setting is not usable there). {failure_cause(box, tasks, trained['theta'])}"]
 
 
 def likely_causes(box: BlackBox, meta_solver: nn.Module, tasks: Sequence[Any], theta: torch.Tensor,
@@ -120,4 +131,4 @@ def likely_causes(box: BlackBox, meta_solver: nn.Module, tasks: Sequence[Any], t
     return causes
 
 
-__all__ = ["check_progress", "describe", "failure_cause", "features_of", "held_out", "likely_causes"]
+__all__ = ["check_progress", "describe", "failed_causes", "failure_cause", "features_of", "held_out", "likely_causes"]

@@ -383,17 +383,21 @@ def keep_better(meta_solver: nn.Module, blackbox: Any, candidates: Mapping[str, 
     cost a smoother iterations (measured: forward SSOR on high-contrast diffusion, +3% against the
     zero guess). The untrained predictor (zero last layer, so θ = 0: the zero guess, the solver's
     own default; for an anchored option, the anchor's formula) is the baseline a user already has;
-    a predictor that loses to it on validation tasks is not deployed."""
+    a predictor that loses to it on validation tasks is not deployed. Failed solves count first:
+    a mean over the solves that worked once made weights whose setting crashed on half the tasks
+    look cheapest (a Choice with crashing candidates: deployed, exit 0)."""
     features = torch.stack([t.features for t in validation]).to(torch.float64)
     states = {"trained": {k: v.clone() for k, v in meta_solver.state_dict().items()}, **candidates}
-    costs = {}
+    costs, failed = {}, {}
     with torch.no_grad():
         for name, state in states.items():
             meta_solver.load_state_dict(state)
-            costs[name] = float(np.nanmean(blackbox.evaluate(meta_solver(features), validation).numpy()))
-    kept = min(costs, key=lambda name: (costs[name], name != "trained"))  # ties keep the trained weights
+            values = blackbox.evaluate(meta_solver(features), validation).numpy()
+            failed[name] = int((~np.isfinite(values)).sum())
+            costs[name] = float(np.nanmean(values)) if failed[name] < len(values) else math.inf
+    kept = min(costs, key=lambda name: (failed[name], costs[name], name != "trained"))  # ties keep the trained
     meta_solver.load_state_dict(states[kept])
-    return {"costs": costs, "kept": kept}
+    return {"costs": costs, "failed": failed, "kept": kept}
 
 
 __all__ = ["GUESS_KEYS", "PretrainReport", "guess_parts", "hand_over", "keep_better", "option_parts", "pretrain",
