@@ -222,6 +222,9 @@ def _check_across_sections(raw: dict, config: dict, source: str) -> None:
     if train["batch_size"] > problem["train_tasks"]:
         raise ConfigError(f"{source}: train.batch_size = {train['batch_size']} exceeds problem.train_tasks = "
                           f"{problem['train_tasks']} (a batch draws distinct training tasks)")
+    if train["patience"] and not train["eval_every"]:
+        raise ConfigError(f"{source}: train.patience = {train['patience']} counts held-out evaluations, and "
+                          f"train.eval_every = 0 makes none: set train.eval_every (e.g. 5)")
     if isinstance(solver["options"], str):
         solver["options"] = parse_options(solver["options"], f"{source}: solver.options")
     given = raw.get("solver", {})

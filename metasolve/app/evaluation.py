@@ -24,6 +24,7 @@ import torch
 
 from metasolve.method.measure import measure
 from metasolve.method.params import Interval, LogInterval, Vector
+from problems.family import Task
 
 Baseline = Callable[[Any], dict]
 GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
@@ -40,7 +41,8 @@ def _plain(value: Any) -> Any:
 
 
 def _grid(space: Any) -> tuple[int, ...] | None:
-    shapes = {part.shape for part in space.parts.values() if isinstance(part, Vector)}
+    """The grid of the space's sine-basis vectors (the only parts that mean the same on another grid)."""
+    shapes = {part.shape for part in space.parts.values() if isinstance(part, Vector) and part.basis_name == "sine"}
     return shapes.pop() if len(shapes) == 1 else None
 
 
@@ -51,7 +53,7 @@ def on_task_grid(meta_solver: Any, space: Any, cache: dict) -> Callable[[Any], t
     grid = _grid(space)
 
     def choose(task: Any) -> tuple[Any, Any]:
-        shape = tuple(task.grid_shape)
+        shape = tuple(task.grid_shape) if isinstance(task, Task) else ()  # a program run or a channel case has none
         if grid is None or not shape or shape == grid:
             return meta_solver, space
         if shape not in cache:

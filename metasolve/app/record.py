@@ -10,7 +10,7 @@ options prefix, `prefix`). Afterwards the appended files are cut into one direct
 
     metasolve record --out rec -- ./app -n 64 -steps 8      # as often as there are runs to collect
     metasolve train rec/train.toml                          # learns from the recorded systems
-    metasolve predict <run dir>/model.pt --out job --matrix A.bin --rhs b.bin
+    metasolve predict <out>/run/meta_solver.pt --out job --matrix A.bin --rhs b.bin
 
 The binary files are cut by reading PETSc's own format headers (`MAT_FILE_CLASSID`, sizes,
 row lengths, then indices and values; `VEC_FILE_CLASSID`, size, values; big-endian, 32-bit

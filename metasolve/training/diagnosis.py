@@ -119,7 +119,7 @@ def likely_causes(box: BlackBox, meta_solver: nn.Module, tasks: Sequence[Any], t
     elif len(losses) > 1 and last.mean() - first.mean() > noise:
         causes.append(f"the training cost rose ({first.mean():.4g} -> {last.mean():.4g} over the first and last "
                       f"tenth of the steps): the learning rate is likely too large.")
-    if isinstance(meta_solver, MetaSolver) and bool(torch.all(meta_solver.feature_scale == 1)):
+    if isinstance(meta_solver, MetaSolver) and len(tasks) > 1 and bool(torch.all(meta_solver.feature_scale == 1)):
         spread = features_of(tasks).std(0)
         spread = spread[spread > 0]
         if spread.numel() and float(spread.max() / spread.min()) > 1e3:
