@@ -292,3 +292,20 @@ def test_record_train_predict_in_three_commands(legacy_programs, tmp_path):
     assert runs["learned"] < runs["recorded"]
 
 
+
+
+@pytest.mark.compiled
+@pytest.mark.slow
+def test_the_shipped_program_config_trains_evaluates_and_delivers(legacy_programs, tmp_path):
+    """examples/heat_stepper.toml, shrunk, through the same `run` as `metasolve train`: a program
+    run has no grid, no matrix — the evaluation table, the report and the delivery still come out."""
+    from metasolve.app.config import load_config, override
+    from metasolve.app.run import run
+
+    config = override(load_config(REPO / "examples" / "heat_stepper.toml"),
+                      {"problem.train_tasks": 4, "problem.eval_tasks": 2, "train.steps": 1, "train.batch_size": 2,
+                       "problem.params.arguments.n": {"integers": [8, 10]}, "problem.params.arguments.steps": 2})
+    result = run(config, tmp_path / "out", quiet=True)
+    assert len(result.evaluation["learned"]["settings"]) == 2
+    assert all(1.0 < s["pc_sor_omega"] < 1.98 for s in result.evaluation["learned"]["settings"])
+    assert (tmp_path / "out" / "meta_solver.delivery.json").is_file()
