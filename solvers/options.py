@@ -171,6 +171,11 @@ def needs_monitor(options: Mapping[str, Any]) -> bool:
     return not any(name.startswith("ksp_monitor") and name != "ksp_monitor_cancel" for name in given)
 
 
+class UnreadOption(ValueError):
+    """A setting's PETSc option that the solver never read: a misspelt name, or an option of
+    another solver (a PC-specific option under a Choice over PCs). A config mistake, not a failed solve."""
+
+
 def check_used(prefix: str, names: Collection[str], solver: str) -> None:
     """Raise the one error training and deployment give for an option PETSc never read.
 
@@ -179,4 +184,4 @@ def check_used(prefix: str, names: Collection[str], solver: str) -> None:
     """
     unused = unused_options(prefix, list(names))
     if unused:
-        raise ValueError(f"unknown or inapplicable PETSc option(s) {unused} for {solver}: PETSc never read them")
+        raise UnreadOption(f"unknown or inapplicable PETSc option(s) {unused} for {solver}: PETSc never read them")

@@ -201,3 +201,16 @@ def test_a_vector_guess_on_a_family_of_varying_grids_is_a_named_config_error(tmp
                       '[space.x0]\nkind = "vector"\nmodes = 2\n[train]\nbatch_size = 2\n')
     assert main(["train", str(config), "--out", str(tmp_path / "out"), "--quiet"]) == 2
     assert "space.x0" in capsys.readouterr().err
+
+
+def test_an_option_no_solve_reads_is_a_config_error_naming_it(tmp_path, capsys):
+    """A PC-specific base option under a Choice over PCs: the candidates without that PC never
+    read it. Exit 2 naming the option, not a traceback."""
+    config = tmp_path / "choice.toml"
+    config.write_text('[problem]\nfamily = "poisson1d"\nparams = { n = 15 }\ntrain_tasks = 8\neval_tasks = 2\n'
+                      '[solver]\nksp_type = "gmres"\npc_type = "jacobi"\noptions = "-pc_sor_omega 1.5"\n'
+                      '[space.pc_type]\nkind = "choice"\nchoices = ["jacobi", "sor"]\n'
+                      '[cost]\nkind = "log_work"\n[estimator]\nkind = "score_function"\n'
+                      '[train]\nsteps = 1\nbatch_size = 2\n')
+    assert main(["train", str(config), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    assert "pc_sor_omega" in capsys.readouterr().err

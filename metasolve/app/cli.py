@@ -97,6 +97,7 @@ def _solve_command(args: argparse.Namespace, petsc_args: list[str]) -> int:
     from metasolve.training.parallel import RemoteError, abort_on_uncaught_exception
     from metasolve.training.train import Interrupted, TrainingFailed
     from solvers._petsc import PETSc, insert_options
+    from solvers.options import UnreadOption
 
     _log_to_stderr()
     _exit_on_signals()
@@ -120,8 +121,8 @@ def _solve_command(args: argparse.Namespace, petsc_args: list[str]) -> int:
 
             demo(args.out)
         _warn_unread(given)
-    except (ConfigError, RunDirectoryError) as error:
-        kind = "config error: " if isinstance(error, ConfigError) else ""
+    except (ConfigError, RunDirectoryError, UnreadOption) as error:
+        kind = "config error: " if isinstance(error, (ConfigError, UnreadOption)) else ""
         print(f"metasolve: {kind}{error}", file=sys.stderr)
         return 2
     except (CheckpointError, TrainingFailed, DeployRefused, PETSc.Error, RemoteError, OSError) as error:

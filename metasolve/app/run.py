@@ -190,8 +190,8 @@ def _validation_tasks(experiment: Experiment) -> list:
 
 
 def _refuse_failing(evaluation: dict[str, dict]) -> None:
-    """A learned setting that fails on more held-out tasks than the configured solver, or on
-    more than half of them, is not deployable."""
+    """A learned setting that fails on more held-out tasks than the configured solver does, and
+    on more than half of them, is not deployable."""
     learned = sum(evaluation["learned"]["failed"])
     default = min(sum(result["failed"]) for name, result in evaluation.items() if name != "learned")
     total = len(evaluation["learned"]["failed"])
