@@ -398,7 +398,7 @@ def test_a_signal_handler_runs_inside_a_hung_solve_and_what_it_raises_ends_the_s
     not as a failed Outcome, with the options database restored."""
     import signal
 
-    from solvers.ksp import Deadline
+    from solvers.deadline import Deadline
 
     recipe, task = never_ending("cg+icc")
     oracle = KSPOracle(**recipe, rtol=1e-12, max_it=2**31 - 1, timeout=600.0)
