@@ -270,7 +270,7 @@ def run(out: Path, quick: bool = False) -> dict:
     goal = results[2, "balanced"]
     goal_speedup = serial["seconds"] / goal["seconds"]
     by_name = {row["config"]: row for row in commands}
-    slower = [row["config"] for row in commands if row["speedup (median)"] < 1.0]
+    slower = [row["config"] for row in commands if row["speedup (median)"] < 1.0 and not row["failed"]]
     batch64 = by_name.get("poisson1d, batch 64 (~1 ms solves)")
     table = [{k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in row.items() if k != "replicated_fraction"}
              for row in commands]
@@ -279,7 +279,8 @@ def run(out: Path, quick: bool = False) -> dict:
         f"minimum of {repeats} run(s) each, 1 and 2 ranks alternating). 2 ranks on the machine's 2 cores, "
         f"shared with other jobs: wall-time ratios within one run, but other jobs disturb them.\n\n"
         f"{markdown_table(table)}\n\n"
-        f"2 ranks slower than 1 (median): {', '.join(slower) if slower else 'none'}. "
+        f"2 ranks slower than 1 (median, commands that ran to the end): {', '.join(slower) if slower else 'none'}. "
+        f"A row with `failed` > 0 timed commands that stopped with an error (`commands_raw` in the json). "
         + (f"~1 ms solves, batch 64: **{batch64['speedup (median)']:.2f}x** (goal >= 1.6x: "
            f"{'met' if batch64['speedup (median)'] >= 1.6 else 'missed'}). " if batch64 else "")
         + f"`replicated rounds`: executor rounds of the 2-rank runs in which every rank computed every item "

@@ -109,22 +109,6 @@ def dumps(obj: Any) -> bytes:
     return stream.getvalue()
 
 
-WAIT_SLEEP_SECONDS = 2e-4
-"""Longest nap between two tests of a pending exchange (the shortest is a tenth of it)."""
-
-
-def _wait(request: MPI.Request) -> None:
-    """Wait for `request`, napping between tests. MPI's blocking wait spins: on a machine whose
-    cores other jobs share, a rank waiting for a slower one burns its share of the CPU while it
-    waits, and the scheduler then gives it less when it has work (benchmarks/results/mpi_throughput.md:
-    2 ranks used far more CPU than 1 under load, and ran slower). A nap costs at most
-    `WAIT_SLEEP_SECONDS` of latency per exchange."""
-    nap = WAIT_SLEEP_SECONDS / 10
-    while not request.Test():
-        time.sleep(nap)
-        nap = min(2 * nap, WAIT_SLEEP_SECONDS)
-
-
 class RemoteError(RuntimeError):
     """An exception raised by `fn` on one rank, raised again on every rank.
 
@@ -237,7 +221,7 @@ class MPIExecutor:
                 break
         is_leader = self.group.Get_rank() == 0
         mine = (results, seconds) if is_leader else None
-        payloads = self._allgather_bytes(dumps((mine if error is None else None, error, self._last_round)))
+        payloads = self.comm.allgather(dumps((mine if error is None else None, error, self._last_round)))
         gathered = [(mine, error, self._last_round) if rank == self.rank else pickle.loads(payload)
                     for rank, payload in enumerate(payloads)]
         work = sum(seconds)
@@ -258,17 +242,6 @@ class MPIExecutor:
         if keys is not None:
             self.expected_seconds.update(zip(keys, self.item_seconds))
         return placed
-
-    def _allgather_bytes(self, payload: bytes) -> list[bytes]:
-        """Every rank's `payload`, in rank order: sizes, then the bytes, each a non-blocking
-        all-gather waited for without spinning (`_wait`)."""
-        sizes = np.zeros(self.size, dtype=np.int64)
-        _wait(self.comm.Iallgather(np.array([len(payload)], dtype=np.int64), sizes))
-        counts = sizes.tolist()
-        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).tolist()
-        gathered = bytearray(sum(counts))
-        _wait(self.comm.Iallgatherv([payload, MPI.BYTE], [gathered, (counts, offsets), MPI.BYTE]))
-        return [bytes(gathered[start:start + count]) for start, count in zip(offsets, counts)]
 
     def _replicated(self, fn: Callable[[Item], Result], items: list[Item]) -> list[Result]:
         """Every item on every rank, no message: an exception is the same on every rank (the
