@@ -14,7 +14,6 @@ when the config names one (`[model] anchor`), which is exactly the untrained anc
 """
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -24,10 +23,10 @@ import torch
 
 from metasolve.method.measure import measure
 from metasolve.method.params import Interval, LogInterval, Vector
+from metasolve.training.option_search import golden_section
 from problems.family import Task
 
 Baseline = Callable[[Any], dict]
-GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 
 
 def _plain(value: Any) -> Any:
@@ -126,7 +125,6 @@ def best_constant(experiment: Any, tasks: Sequence[Any], evaluations: int) -> tu
     by golden-section search in raw θ over [-6, 6] (where the sigmoid covers all but 0.25% of the
     interval); returns the setting and the solves it took."""
     box = experiment.blackbox
-    name, part = _scalar_part(box.space)  # type: ignore[misc]
 
     def mean_cost(raw: float) -> float:
         setting = box.space.decode(torch.tensor([raw], dtype=torch.float64))
@@ -135,19 +133,7 @@ def best_constant(experiment: Any, tasks: Sequence[Any], evaluations: int) -> tu
         finite = [v.value if not v.failed else box.cost.failure_value(tasks[i]) for i, v in enumerate(values)]
         return float(np.mean(finite))
 
-    lo, hi = -6.0, 6.0
-    a, b = hi - GOLDEN * (hi - lo), lo + GOLDEN * (hi - lo)
-    fa, fb = mean_cost(a), mean_cost(b)
-    for _ in range(max(0, evaluations - 2)):
-        if fa <= fb:
-            hi, b, fb = b, a, fa
-            a = hi - GOLDEN * (hi - lo)
-            fa = mean_cost(a)
-        else:
-            lo, a, fa = a, b, fb
-            b = lo + GOLDEN * (hi - lo)
-            fb = mean_cost(b)
-    raw = a if fa <= fb else b
+    raw, _, _ = golden_section(mean_cost, -6.0, 6.0, max(2, evaluations))
     box.stats.evaluation_solves += max(2, evaluations) * len(tasks)
     return box.space.decode(torch.tensor([raw], dtype=torch.float64)), max(2, evaluations) * len(tasks)
 
