@@ -384,8 +384,8 @@ def test_the_arguments_route_imports_neither_torch_nor_petsc(tmp_path):
               "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'petsc4py', 'mpi4py', 'solvers')))\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO_ROOT, timeout=60)
     assert result.returncode == 0, result.stderr
-    # solvers.text is the options' text, shared with training; nothing that loads PETSc or torch
-    assert result.stdout.strip().splitlines()[-1] == "['solvers', 'solvers.text']"
+    # solvers.text and solvers.arguments are shared with training; nothing that loads PETSc or torch
+    assert result.stdout.strip().splitlines()[-1] == "['solvers', 'solvers.arguments', 'solvers.text']"
     assert (tmp_path / "one" / "x0.bin").is_file() and (tmp_path / "many" / "a" / OPTIONS_FILE).is_file()
     command = subprocess.run([sys.executable, "-X", "importtime", "-m", "metasolve", "predict", str(tmp_path / "meta.pt"),
                               "--out", str(tmp_path / "cli"), "--table", str(tmp_path / "runs.csv")],

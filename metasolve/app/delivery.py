@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from metasolve.method.plain_model import argument_features, check_flag, check_option_name, check_prefix, check_value
+from metasolve.method.plain_model import check_flag, check_option_name, check_prefix, check_value
+from solvers.arguments import ArgumentFeatures
 from solvers.text import format_value
 
 DELIVERY_VERSION = 1
@@ -27,7 +28,7 @@ _ARGUMENT = re.compile(r"^-?[A-Za-z][A-Za-z0-9_]*$")
 class ArgumentSpec:
     """Which program arguments are the features, which enter as logarithms, and the textbook
     features derived from them: the plain data of `solvers.program_task.ArgumentFeatures`,
-    evaluated without torch (a derived feature by its `kind`, see `young_omega`)."""
+    evaluated without torch by `solvers.arguments` (a derived feature by its `kind`)."""
 
     names: tuple[str, ...]
     log: tuple[str, ...] = ()
@@ -52,38 +53,14 @@ class ArgumentSpec:
         return spec
 
     def table(self, runs: Sequence[Mapping[str, str]]) -> np.ndarray:
-        columns = argument_features(self.names, self.log, runs)
-        if not self.derived:
-            return columns
-        derived = np.array([[young_omega(f["grid"], f.get("offset", -1), f.get("name", "young_omega"), run)
-                             for f in self.derived] for run in runs], dtype=np.float64)
-        return np.hstack([columns, derived.reshape(len(runs), len(self.derived))])
+        """The runs' features, computed as in training (`solvers.arguments.ArgumentFeatures`)."""
+        return ArgumentFeatures.from_dict(self.to_dict()).table(runs)
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"names": list(self.names), "log": list(self.log)}
         if self.derived:
             data["derived"] = [dict(d) for d in self.derived]
         return data
-
-
-def young_omega(grid: Sequence[str], offset: int, name: str, arguments: Mapping[str, str]) -> float:
-    """`solvers.program_task.YoungOmega` without torch (that module loads it): Young's ω* of the
-    5-point Laplacian on the grid the arguments give, ω* = 2/(1 + √(1 − ρ_J²))."""
-    spacings = []
-    for axis in grid:
-        if axis not in arguments:
-            raise ValueError(f"the program arguments lack -{axis} (feature {name!r} needs it)")
-        try:
-            points = float(arguments[axis])
-        except (TypeError, ValueError):
-            raise ValueError(f"argument -{axis} = {arguments[axis]!r} is not a number") from None
-        if not (math.isfinite(points) and points + offset > 1):
-            raise ValueError(f"argument -{axis} = {arguments[axis]!r} gives no grid spacing "
-                             f"h = 1/({points:g} + {offset}) in (0, 1) (feature {name!r})")
-        spacings.append(1.0 / (points + offset))
-    hx, hy = spacings[0], spacings[-1]
-    rho = (hy ** 2 * math.cos(math.pi * hx) + hx ** 2 * math.cos(math.pi * hy)) / (hx ** 2 + hy ** 2)
-    return 2.0 / (1.0 + math.sqrt(max(0.0, 1.0 - rho ** 2)))
 
 
 @dataclass(frozen=True)

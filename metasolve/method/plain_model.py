@@ -23,13 +23,13 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from solvers.text import OPTION_NAME, format_value  # noqa: F401  (format_value: part of this module's surface)
+from solvers.text import OPTION_NAME
 
 FORMAT_VERSION = 1
 """Version of the plain file's layout; a loader refuses any other (an older metasolve cannot
@@ -309,28 +309,3 @@ def load_plain(path: str | Path) -> PlainModel:
     if not isinstance(header, dict):
         raise ValueError(f"{path}: not a plain meta-solver file (no header)")
     return PlainModel(header, arrays, source=str(path))
-
-
-def argument_features(names: Sequence[str], log: Sequence[str], runs: Sequence[Mapping[str, str]]) -> np.ndarray:
-    """`solvers.program_task.ArgumentFeatures` for a batch of runs' arguments, in numpy: [B, len(names)].
-
-    Duplicated rather than imported: `solvers` loads PETSc and torch on import.
-    """
-    table = np.empty((len(runs), len(names)), dtype=np.float64)
-    for i, arguments in enumerate(runs):
-        missing = [n for n in names if n not in arguments]
-        if missing:
-            raise ValueError(f"the program arguments lack {missing} (features are computed from {list(names)})")
-        for j, name in enumerate(names):
-            try:
-                value = float(arguments[name])
-            except (TypeError, ValueError):
-                raise ValueError(f"argument -{name} = {arguments[name]!r} is not a number") from None
-            if name in log:
-                if not value > 0:
-                    raise ValueError(f"argument -{name} = {value!r} must be positive (its feature is its logarithm)")
-                value = math.log(value)
-            if not math.isfinite(value):
-                raise ValueError(f"argument -{name} = {arguments[name]!r} is not finite")
-            table[i, j] = value
-    return table
