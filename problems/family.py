@@ -137,6 +137,31 @@ class Family(ABC):
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.parameters.items())})"
 
 
+class FrontBackSplit:
+    """Training takes a finite list's first items, evaluation its last (index EVAL_OFFSET + k is
+    item count − 1 − k), and the two must never meet: a table of runs, a directory of recorded
+    systems. `position(index)` is the item of task `index`, or a ValueError saying what to do."""
+
+    def __init__(self, count: int, name: str, item: str, holder: str, remedy: str) -> None:
+        self.count, self.name, self.item, self.holder, self.remedy = count, name, item, holder, remedy
+        self.highest_train, self.lowest_eval = -1, None
+
+    def position(self, index: int) -> int:
+        evaluation = index >= EVAL_OFFSET
+        position = self.count - 1 - (index - EVAL_OFFSET) if evaluation else index
+        if not 0 <= position < self.count:
+            raise ValueError(f"{self.name}: task {index} asks for {self.item} {position} of {self.holder}; {self.remedy}")
+        if evaluation:
+            self.lowest_eval = position if self.lowest_eval is None else min(self.lowest_eval, position)
+        else:
+            self.highest_train = max(self.highest_train, position)
+        if self.lowest_eval is not None and self.highest_train >= self.lowest_eval:
+            raise ValueError(f"{self.name}: {self.holder}; training takes the first and evaluation the last, and they "
+                             f"overlap (training {self.item} {self.highest_train}, evaluation {self.item} "
+                             f"{self.lowest_eval}): {self.remedy}")
+        return position
+
+
 FEATURE_KINDS = ("operator", "structural", "family", "both")
 """What a task's `features` hold: operator features of (A, b) (`solvers.features.operator_features`),
 their cheap structural subset (`structural_features`, no Krylov run), the family's own hand-made

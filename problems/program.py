@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from problems.family import EVAL_OFFSET, Family
+from problems.family import EVAL_OFFSET, Family, FrontBackSplit
 from solvers.program_task import ArgumentFeatures, ProgramTask, YoungOmega
 
 if sys.version_info >= (3, 11):
@@ -85,8 +85,8 @@ class ProgramFamily(Family):
             clash = sorted(set(rows[0]) & set(self.arguments)) if rows else []
             if clash:
                 raise ValueError(f"program family: argument(s) {clash} are both in {where} and in arguments")
-        self._highest_train_row = -1
-        self._lowest_eval_row: int | None = None
+        self._split = (FrontBackSplit(len(self.table), "program family", "row", f"a table with {len(self.table)} rows",
+                                      "use fewer tasks or give eval_table") if self.table is not None else None)
         self.features = self._features(features or {})
 
     def _features(self, spec: Mapping[str, Any]) -> ArgumentFeatures:
@@ -142,26 +142,14 @@ class ProgramFamily(Family):
         """The table row of run `index` (or {} without a table), checked against the split."""
         if self.table is None:
             return {}
-        evaluation = index >= EVAL_OFFSET
-        if evaluation and self.eval_table is not None:
-            rows, position = self.eval_table, index - EVAL_OFFSET
-        elif evaluation:
-            rows, position = self.table, len(self.table) - 1 - (index - EVAL_OFFSET)
-        else:
-            rows, position = self.table, index
-        if not 0 <= position < len(rows):
-            raise ValueError(f"program family: run {index} asks for row {position} of a table with {len(rows)} rows")
-        if self.eval_table is None and rows is self.table:
-            if evaluation:
-                self._lowest_eval_row = position if self._lowest_eval_row is None else min(self._lowest_eval_row, position)
-            else:
-                self._highest_train_row = max(self._highest_train_row, position)
-            if self._lowest_eval_row is not None and self._highest_train_row >= self._lowest_eval_row:
-                raise ValueError(f"program family: the table has {len(self.table)} rows; training runs take its first "
-                                 f"rows and evaluation runs its last, and they overlap (training row "
-                                 f"{self._highest_train_row}, evaluation row {self._lowest_eval_row}): use fewer "
-                                 "tasks or give eval_table")
-        return dict(rows[position])
+        if index >= EVAL_OFFSET and self.eval_table is not None:
+            position = index - EVAL_OFFSET
+            if position >= len(self.eval_table):
+                raise ValueError(f"program family: run {index} asks for row {position} of a table with "
+                                 f"{len(self.eval_table)} rows")
+            return dict(self.eval_table[position])
+        return dict(self.table[self._split.position(index)])
+
 
     def _arguments_of(self, row: Mapping[str, Any], rng: np.random.Generator | None = None) -> dict[str, Any]:
         rng = rng if rng is not None else np.random.default_rng([self.seed, 0])

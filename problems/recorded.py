@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from problems.family import EVAL_OFFSET, Family, Task
+from problems.family import Family, FrontBackSplit, Task
 from solvers._petsc import PETSc
 
 SYSTEMS = "systems"
@@ -75,8 +75,9 @@ class RecordedFamily(Family):
         if not self.systems:
             raise ValueError(f"recorded family: no recorded systems under {str(self.directory)!r} "
                              f"(expected {SYSTEMS}/<name>/{MATRIX}; run `metasolve record --out {directory} -- ./app ...`)")
-        self._highest_train = -1
-        self._lowest_eval: int | None = None
+        self._split = FrontBackSplit(len(self.systems), "recorded family", "system",
+                                     f"{self.directory} holding {len(self.systems)} systems",
+                                     "record more runs or ask for fewer tasks")
 
     @property
     def feature_dim(self) -> int:
@@ -87,20 +88,7 @@ class RecordedFamily(Family):
                 "(PETSc binary files); features computed from each operator.")
 
     def _position(self, index: int) -> int:
-        count = len(self.systems)
-        position = count - 1 - (index - EVAL_OFFSET) if index >= EVAL_OFFSET else index
-        if not 0 <= position < count:
-            raise ValueError(f"recorded family: task {index} asks for system {position}, but {self.directory} holds "
-                             f"{count}; record more runs or ask for fewer tasks")
-        if index >= EVAL_OFFSET:
-            self._lowest_eval = position if self._lowest_eval is None else min(self._lowest_eval, position)
-        else:
-            self._highest_train = max(self._highest_train, position)
-        if self._lowest_eval is not None and self._highest_train >= self._lowest_eval:
-            raise ValueError(f"recorded family: {self.directory} holds {count} systems; training takes the first and "
-                             f"evaluation the last, and they overlap (training system {self._highest_train}, "
-                             f"evaluation system {self._lowest_eval}): record more runs or ask for fewer tasks")
-        return position
+        return self._split.position(index)
 
     def _build(self, rng: np.random.Generator, index: int) -> Task:
         path = self.systems[self._position(index)]
