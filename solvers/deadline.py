@@ -2,7 +2,9 @@
 
 PETSc's iteration loop is C: a hung solve never returns to the interpreter, so neither
 `solver.timeout` nor a scheduler's SIGTERM can act on it unless a Python callback runs inside
-the loop. `Deadline` is that callback.
+the loop. `Deadline` is that callback. Where no callback runs at all (a hang inside a
+preconditioner's set-up), `solvers.process_tree.handle_first_signal` makes a second signal
+end the process.
 """
 from __future__ import annotations
 
@@ -68,3 +70,4 @@ def signal_ended(error: PETSc.Error) -> BaseException | None:
     become a failed solve."""
     cause = error.__cause__
     return cause if isinstance(cause, BaseException) and not isinstance(cause, Exception) else None
+

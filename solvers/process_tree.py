@@ -13,18 +13,23 @@ SIGTERM action ends the interpreter at once — no `finally`, no temporary-direc
 child orphaned. `stop_on_signals` turns a default-disposition SIGTERM/SIGINT into an exception
 while a program runs, so the tree is killed and temporary files removed as the stack unwinds;
 `deliver` then ends the process with the signal's own status, which a scheduler understands.
+`handle_first_signal` lets a second signal act by default, even where no Python runs.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import itertools
 import os
 import select
 import signal
 import subprocess
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 MARKER = "METASOLVE_PROCESS_TREE"
 _counter = itertools.count()
@@ -192,3 +197,35 @@ def deliver(interrupted: Interrupted) -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, [interrupted.signum])
     os.kill(os.getpid(), interrupted.signum)
     raise interrupted  # not reached: the default action ends the process
+
+
+_SA_RESETHAND = 0x80000000  # Linux's value for x86-64 and arm64
+
+
+class _SigAction(ctypes.Structure):
+    """glibc's `struct sigaction` (a 1024-bit signal mask)."""
+
+    _fields_ = [("handler", ctypes.c_void_p), ("mask", ctypes.c_ulong * (1024 // (8 * ctypes.sizeof(ctypes.c_ulong)))),
+                ("flags", ctypes.c_int), ("restorer", ctypes.c_void_p)]
+
+
+def handle_first_signal(signum: int, handler: Callable[[int, Any], None]) -> bool:
+    """Install `handler` for the first `signum` only; the second acts as if there were none.
+
+    A Python handler runs between bytecodes, never inside PETSc's C code: a solve hung where no
+    Python callback runs (a preconditioner's set-up) would ignore every SIGTERM and SIGINT. The
+    kernel's SA_RESETHAND restores the default action as it delivers the first signal, so the
+    handler still gets its chance (a trainer finishing and checkpointing its step) and a second
+    signal ends the process at once, wherever it is — the "press Ctrl-C twice" a user expects.
+    Returns whether the one-shot flag could be set (Linux with glibc; elsewhere only `handler`
+    is installed and a second signal reaches it).
+    """
+    signal.signal(signum, handler)
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    action = _SigAction()
+    if libc.sigaction(signum, None, ctypes.byref(action)) != 0:
+        return False
+    action.flags |= _SA_RESETHAND
+    return libc.sigaction(signum, ctypes.byref(action), None) == 0

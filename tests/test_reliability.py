@@ -441,3 +441,60 @@ def test_a_choice_run_weighs_the_untrained_predictor_before_deploying(tmp_path, 
     kept = json.loads((out / "evaluation.json").read_text())["kept"]
     assert kept in ("trained", "untrained") and f"keeping the {kept} weights" in printed
     assert set(torch.load(out / "pretrained.pt", weights_only=True)) == {"untrained"}  # for a resumed run too
+
+
+# --- A hang where no Python callback runs: the second signal ends the process (issue 24) ----
+
+HUNG_IN_C = """
+import signal, sys
+from solvers._petsc import PETSc
+from solvers.process_tree import handle_first_signal
+
+flagged = []
+assert handle_first_signal(signal.SIGTERM, lambda signum, frame: flagged.append(signum))
+A = PETSc.Mat().createAIJ((8, 8), nnz=3, comm=PETSc.COMM_SELF)
+for i in range(8):
+    A[i, i] = 2.0
+    if i:
+        A[i, i - 1] = A[i - 1, i] = -1.0
+A.assemble()
+b, x = A.createVecs()
+b.set(1.0)
+ksp = PETSc.KSP().create(comm=PETSc.COMM_SELF)
+ksp.setOperators(A)
+ksp.setType("richardson")
+ksp.getPC().setType("none")
+ksp.setTolerances(rtol=0.0, atol=0.0, divtol=1e300, max_it=2**31 - 1)
+ksp.setNormType(PETSc.KSP.NormType.NONE)  # no norms, no callbacks: the loop never leaves C
+print("solving", flush=True)
+ksp.solve(b, x)
+print("returned", flagged, flush=True)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SA_RESETHAND through glibc; /proc CPU time")
+def test_a_second_sigterm_ends_a_process_hung_inside_petsc_c_code(tmp_path):
+    """A hang inside PETSc where no Python callback runs (once: an ICC set-up) ignored every
+    SIGTERM: Python's handler only runs between bytecodes. The first signal is the handler's
+    (it cannot run yet, so the process is still there); the second acts by default."""
+    script = tmp_path / "hung.py"
+    script.write_text(HUNG_IN_C)
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    process = subprocess.Popen([sys.executable, str(script)], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline() == "solving\n"
+        spent = cpu_seconds(process.pid)
+        while process.poll() is None and cpu_seconds(process.pid) < spent + 0.3:  # inside KSPSolve's loop
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        spent = cpu_seconds(process.pid)
+        while process.poll() is None and cpu_seconds(process.pid) < spent + 0.3:  # still iterating after it
+            time.sleep(0.05)
+        assert process.poll() is None, process.stderr.read()
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=60)  # without the one-shot handler: still iterating, TimeoutExpired
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == -signal.SIGTERM

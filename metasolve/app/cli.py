@@ -156,15 +156,18 @@ def _exit_on_signals() -> None:
     """SIGTERM/SIGINT outside training (while tasks and features are built, during evaluation)
     end the process with 128 + signal, the status a scheduler reads as "terminated by it",
     instead of PETSc's crash banner and MPI_Abort. Training installs its own handlers, which
-    checkpoint the step in flight first (`metasolve.training.train`)."""
+    checkpoint the step in flight first (`metasolve.training.train`). A second signal ends the
+    process at once, even inside PETSc's C code (`handle_first_signal`)."""
     import signal
+
+    from solvers.process_tree import handle_first_signal
 
     def stop(signum: int, frame: object) -> None:
         print(f"metasolve: stopped by {signal.Signals(signum).name}", file=sys.stderr, flush=True)
         raise SystemExit(128 + signum)
 
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, stop)
+        handle_first_signal(signum, stop)
 
 
 class _StderrHandler(logging.StreamHandler):
