@@ -30,6 +30,7 @@ import tempfile
 import time
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -44,6 +45,7 @@ from metasolve.app.run import VALIDATION_TASKS  # noqa: E402
 from metasolve.app.run import run as run_config  # noqa: E402
 from metasolve.method.meta_solver import MetaSolver  # noqa: E402
 from problems.bratu import Bratu, BratuOracle, BratuTask  # noqa: E402
+from problems.family import Family  # noqa: E402
 
 RTOL = 1e-10
 """The demo family's own SNES tolerance (`Bratu.oracle()`), used by the timing harness too."""
@@ -99,11 +101,12 @@ def learned_guess(meta: MetaSolver, family: Bratu, task: BratuTask) -> dict:
     return {"u0": setting["u0"]}
 
 
-def compiled(meta: MetaSolver, family: Bratu):
+def compiled(meta: MetaSolver, family: Family):
     """A linear meta-solver and a linear decode compose to one affine map u0 = M z + m (z the raw
-    features): deployed in NumPy it costs one (n − 2)² x 6 product. Measured cold, right after a
-    PETSc solve, torch inference (`learned_guess`) costs about as much as the Newton steps it saves
-    (the "learned, torch inference" rows of benchmarks/results/newton.md)."""
+    features, `family.features(**task.parameters)`): deployed in NumPy it costs one (n − 2)² x d
+    product. Measured cold, right after a PETSc solve, torch inference (`learned_guess`) costs
+    about as much as the Newton steps it saves (the "learned, torch inference" rows of
+    benchmarks/results/newton.md)."""
     (layer,) = [m for m in meta.modules() if isinstance(m, torch.nn.Linear)]
     part = meta.space.parts["u0"]
     with torch.no_grad():
@@ -111,12 +114,9 @@ def compiled(meta: MetaSolver, family: Bratu):
         bias = layer.bias - weight @ meta.feature_mean
         M = (part.scale * part.basis @ weight).numpy()
         m = (part.scale * part.basis @ bias).numpy()
-    lo, hi = family.lam_range
 
-    def guess(task: BratuTask) -> dict:
-        t = 2.0 * (task.lam - lo) / (hi - lo) - 1.0
-        z = np.polynomial.legendre.legvander(np.array([t]), family.degree)[0, 1:]
-        return {"u0": M @ z + m}
+    def guess(task: Any) -> dict:
+        return {"u0": M @ family.features(**task.parameters).numpy() + m}
     return guess
 
 

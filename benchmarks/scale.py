@@ -1,18 +1,21 @@
 """[scale] Value at the sizes users run, with the training paid back (issue 23).
 
-Nonlinear family: Bratu near the fold (λ ~ U[6.0, 6.75], `problems/bratu.py`) on n × n DMDAs
-from 1.6·10⁴ to 10⁶ unknowns, solved as a PETSc user solves at that size: `newtonls` + `bt` with
-CG + GAMG inside Newton (`-ksp_rtol 1e-8`), every method stopping at ‖F‖ ≤ 1e-10·‖F(0)‖. On the
-same unseen tasks, interleaved per task with the order rotated:
+Nonlinear families (`FAMILIES`): Bratu near the fold (λ ~ U[6.0, 6.75], `problems/bratu.py`) and
+the harder nonlinear diffusion (`problems/nonlinear_diffusion.py`), on n × n DMDAs from 1.6·10⁴ to
+10⁶ unknowns, solved as a PETSc user solves at that size: `newtonls` + `bt` with GAMG-preconditioned
+Krylov inside Newton (`-ksp_rtol 1e-8`; CG where the Jacobian is symmetric, GMRES where not), every
+method stopping at ‖F‖ ≤ 1e-10·‖F(0)‖. On the same unseen tasks, interleaved per task with the
+order rotated:
 - zero guess;
 - learned guess, trained ONCE through the run layer (`metasolve.app.run.run`) from
-  examples/scale_bratu.toml on a coarse grid and deployed on every size (multilevel training):
-  the guess lives in sine modes sin(jπx)·sin(kπy), whose coefficients mean the same function on
-  every grid, and the features (Legendre polynomials of λ) do not depend on the grid, so
+  the family's config (examples/scale_*.toml) on a coarse grid and deployed on every size
+  (multilevel training): the guess lives in sine modes sin(jπx)·sin(kπy), whose coefficients mean
+  the same function on every grid, and the features (Legendre polynomials of the parameters) do
+  not depend on the grid, so
   `on_grid` only rebuilds the basis on the fine grid;
 - `-snes_grid_sequence k` for k = 2, 3, 4, reported for the k that was fastest on these very
   tasks (chosen with hindsight: what a user's own choice could at best give);
-- continuation: each task starts from the stored solution of the nearest λ among the tasks this
+- continuation: each task starts from the stored solution of the nearest parameters among the tasks this
   stream has already solved (the first from zero): the "nearest solved instance" a user keeps;
 - PETSc's Krylov initial guesses `-ksp_guess_type fischer` (model 1, 10 vectors) and `pod`, from a
   zero Newton guess: each linear solve inside Newton starts from a projection on the earlier
@@ -30,12 +33,7 @@ solves after which the training is paid back (∞ when the learned guess is not 
 Transfer error: ‖u0 − u*‖/‖u*‖ of the deployed guess against the converged solution on each
 grid, beside the same on the training grid.
 
-Linear family: 3-D anisotropic diffusion (`problems/anisotropic3d.py`), CG + GAMG to rtol 1e-8,
-over a small grid of GAMG options (strength threshold, smoother, aggressive coarsening). The
-headroom is measured before anything is trained: the best single configuration against the
-per-instance best, where the per-instance best is picked on one timing repeat and charged the
-time of an independent second repeat (picking and charging on the same noisy timing would
-flatter it).
+The linear family (a per-instance choice at these sizes) is `benchmarks/scale_linear.py`.
 
 Results: benchmarks/results/scale.{md,json,png}; the floor of any sine-mode guess
 (`projection_bound`) is there too, and it is why the learned guess keeps two Newton steps.
@@ -46,6 +44,7 @@ import math
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,36 +59,37 @@ from benchmarks.newton import compiled  # noqa: E402
 from metasolve.app.config import load_config, override  # noqa: E402
 from metasolve.app.report import markdown_table  # noqa: E402
 from metasolve.app.run import run as run_config  # noqa: E402
-from metasolve.method.meta_solver import MetaSolver  # noqa: E402
-from problems.anisotropic3d import Anisotropic3D  # noqa: E402
-from problems.bratu import Bratu, BratuOracle, BratuTask  # noqa: E402
+from problems.bratu import Bratu  # noqa: E402
+from problems.family import Family  # noqa: E402
 from problems.family import sine_coefficients, sine_modes  # noqa: E402
-from solvers.ksp import KSPOracle  # noqa: E402
+from solvers.dmda_snes import DMDASNESOracle  # noqa: E402
 
-CONFIG = Path(__file__).resolve().parent.parent / "examples" / "scale_bratu.toml"
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 RTOL = 1e-10
 NEWTON_KRYLOV = {"ksp_type": "cg", "pc_type": "gamg", "ksp_rtol": 1e-8}
+
+
+@dataclass(frozen=True)
+class Nonlinear:
+    """A nonlinear family of this section: the config that trains its guess on a coarse grid, the
+    Krylov method inside Newton a user runs at the deployed sizes, and n → unseen tasks there."""
+
+    name: str
+    config: Path
+    krylov: dict[str, Any]
+    sizes: dict[int, int]
+    quick_sizes: dict[int, int]
+
+
+FAMILIES = (
+    Nonlinear("Bratu", EXAMPLES / "scale_bratu.toml", NEWTON_KRYLOV, {129: 12, 257: 8, 513: 6, 1025: 3}, {65: 3, 129: 3}),
+)
 GRID_SEQUENCE = (2, 3, 4)
 KRYLOV_GUESSES = {"Fischer guess (ksp_guess_type fischer)": {"ksp_guess_type": "fischer",
                                                              "ksp_guess_fischer_model": "1,10"},
                   "POD guess (ksp_guess_type pod)": {"ksp_guess_type": "pod"}}
 BUILT_INS = ("grid sequencing", "continuation (nearest solved)", *KRYLOV_GUESSES)
 """The PETSc built-ins and the user's own reuse the learned guess is judged against (issue 23)."""
-SIZES = {129: 12, 257: 8, 513: 6, 1025: 3}
-"""n → unseen tasks solved at that size (fewer where each solve costs more)."""
-QUICK_SIZES = {65: 3, 129: 3}
-LINEAR_SIZES = {32: 6, 64: 6}
-QUICK_LINEAR_SIZES = {16: 3}
-GAMG_CONFIGS: dict[str, dict[str, Any]] = {
-    "threshold 0": {"pc_gamg_threshold": 0.0},
-    "threshold 0.01": {"pc_gamg_threshold": 0.01},
-    "threshold 0.02": {"pc_gamg_threshold": 0.02},
-    "threshold 0.05": {"pc_gamg_threshold": 0.05},
-    "threshold 0, no aggressive coarsening": {"pc_gamg_threshold": 0.0, "pc_gamg_aggressive_coarsening": 0},
-    "threshold 0, plain aggregation": {"pc_gamg_threshold": 0.0, "pc_gamg_agg_nsmooths": 0},
-    "threshold 0, SOR smoother": {"pc_gamg_threshold": 0.0, "mg_levels_pc_type": "sor"},
-    "threshold 0.02, SOR smoother": {"pc_gamg_threshold": 0.02, "mg_levels_pc_type": "sor"},
-}
 
 
 def clock(fn: Callable[[], Any]) -> tuple[Any, float, float]:
@@ -98,14 +98,14 @@ def clock(fn: Callable[[], Any]) -> tuple[Any, float, float]:
     return result, time.perf_counter() - wall, time.process_time() - cpu
 
 
-def train(quick: bool) -> dict[str, Any]:
+def train(spec: Nonlinear, quick: bool) -> dict[str, Any]:
     """The learned guess, trained once through the run layer at the config's coarse grid."""
-    config = load_config(CONFIG)
+    config = load_config(spec.config)
     if quick:
-        config = override(config, {"train.steps": 2, "train.eval_every": 0, "train.patience": 0}, str(CONFIG))
+        config = override(config, {"train.steps": 2, "train.eval_every": 0, "train.patience": 0}, str(spec.config))
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as directory:
         result, wall, cpu = clock(lambda: run_config(config, Path(directory) / "run", quiet=True))
-    return {"meta": result.experiment.meta_solver, "family": result.experiment.family, "config": config,
+    return {"spec": spec, "meta": result.experiment.meta_solver, "family": result.experiment.family, "config": config,
             "wall": wall, "cpu": cpu, "run_train_seconds": result.train_seconds, "kept": result.kept,
             "solves": result.solves["training"] + result.solves["evaluation"],
             "solve_breakdown": dict(result.solves)}
@@ -115,27 +115,40 @@ def relative_error(guess: np.ndarray, solution: np.ndarray) -> float:
     return float(np.linalg.norm(guess - solution) / np.linalg.norm(solution))
 
 
+def newton(family: Family, options: dict[str, Any] | None = None) -> DMDASNESOracle:
+    """The generic DMDA Newton driver on the family's problem, to the section's tolerance."""
+    return DMDASNESOracle(family.oracle().problem, rtol=RTOL, options=options)
+
+
 def training_grid_error(trained: dict, tasks: int) -> float:
     """Mean ‖u0 − u*‖/‖u*‖ of the guess on unseen tasks of the grid it was trained on."""
     family = trained["family"]
-    oracle, guess = BratuOracle(rtol=RTOL), compiled(trained["meta"], family)
+    oracle, guess = newton(family), compiled(trained["meta"], family)
     return float(np.mean([relative_error(guess(t)["u0"], oracle(t).solution) for t in family.eval_tasks(tasks)]))
+
+
+def on_size(family: Family, n: int) -> Family:
+    """The same family (parameter ranges, features, seed) on the n × n grid."""
+    return type(family)(**{**family.parameters, "n": n})
 
 
 def measure_size(n: int, count: int, trained: dict) -> dict[str, Any]:
     """Every method on `count` unseen tasks of the n × n grid."""
-    lo, hi = trained["family"].lam_range
-    family = Bratu(n=n, lam_range=(lo, hi), degree=trained["family"].degree, seed=trained["family"].seed)
+    family = on_size(trained["family"], n)
     tasks = family.eval_tasks(count)
-    oracle = BratuOracle(rtol=RTOL, options=NEWTON_KRYLOV)
+    oracle = newton(family, trained["spec"].krylov)
     clock(lambda: oracle.solve(tasks[0], {"snes_max_it": 1}))  # one-time caches (Jacobian pattern), untimed
     (guess, deploy_wall, deploy_cpu) = clock(lambda: compiled(trained["meta"].on_grid(tasks[0].grid_shape), family))
-    solved: list[tuple[float, np.ndarray]] = []
+    solved: list[tuple[np.ndarray, np.ndarray]] = []
 
-    def continuation(task: BratuTask) -> dict:
-        return {"u0": min(solved, key=lambda s: abs(s[0] - task.lam))[1]} if solved else {}
+    def continuation(task: Any) -> dict:
+        """The stored solution whose parameters are nearest (each scaled by its range in the family)."""
+        if not solved:
+            return {}
+        here = parameter_point(family, task)
+        return {"u0": min(solved, key=lambda s: float(np.linalg.norm(s[0] - here)))[1]}
 
-    methods: dict[str, Callable[[BratuTask], dict]] = {
+    methods: dict[str, Callable[[Any], dict]] = {
         "zero guess": lambda t: {}, "learned (multilevel)": guess, "continuation (nearest solved)": continuation,
         **{name: (lambda t, o=options: dict(o)) for name, options in KRYLOV_GUESSES.items()},
         **{f"grid sequencing k={k}": (lambda t, k=k: {"snes_grid_sequence": k}) for k in GRID_SEQUENCE}}
@@ -156,16 +169,25 @@ def measure_size(n: int, count: int, trained: dict) -> dict[str, Any]:
             if name == "zero guess":
                 errors.append(relative_error(guess(task)["u0"], result.outcome.solution))
             if name == "continuation (nearest solved)":
-                solved.append((task.lam, result.outcome.solution))
-    return {"n": n, "unknowns": n * n, "tasks": count, "record": record, "transfer_error": float(np.mean(errors)),
+                solved.append((parameter_point(family, task), result.outcome.solution))
+    return {"family": trained["spec"].name, "n": n, "unknowns": n * n, "tasks": count, "record": record, "transfer_error": float(np.mean(errors)),
             "deploy_wall": deploy_wall, "deploy_cpu": deploy_cpu}
+
+
+def parameter_point(family: Family, task: Any) -> np.ndarray:
+    """A task's parameters, each mapped to [0, 1] over its range in the family (`<name>_range`)."""
+    point = []
+    for name, value in task.parameters.items():
+        lo, hi = family.parameters[f"{name}_range"]
+        point.append((value - lo) / (hi - lo) if hi > lo else 0.0)
+    return np.array(point)
 
 
 def projection_bound(n: int, modes: Sequence[int] = (6, 12, 24, 48)) -> list[dict[str, Any]]:
     """What any guess in K × K sine modes could at best do on one unseen task of the n × n grid:
     the converged solution itself projected on the modes, and the Newton steps from there."""
     task = Bratu(n=n, lam_range=(6.0, 6.75)).eval_tasks(1)[0]
-    oracle = BratuOracle(rtol=RTOL, options=NEWTON_KRYLOV)
+    oracle = newton(Bratu(n=n), NEWTON_KRYLOV)
     solution = oracle(task).solution
     rows = []
     for k in modes:
@@ -189,7 +211,7 @@ def summarize_size(size: dict, trained: dict) -> list[dict[str, Any]]:
     for name in shown:
         entry = record[name]
         mean_cpu = float(np.mean(entry["cpu"])) if entry["cpu"] else math.nan
-        row = {"n": size["n"], "unknowns": size["unknowns"], "method": name, "tasks": size["tasks"],
+        row = {"family": size["family"], "n": size["n"], "unknowns": size["unknowns"], "method": name, "tasks": size["tasks"],
                "failures": entry["failures"], "Newton its": float(np.mean(entry["its"])) if entry["its"] else math.nan,
                "coarse its": float(np.mean(entry["coarse"])) if entry["coarse"] else math.nan,
                "mean CPU s": mean_cpu, "mean wall s": float(np.mean(entry["wall"])) if entry["wall"] else math.nan}
@@ -239,107 +261,85 @@ def rows_of(rows: list[dict], method: str) -> list[dict]:
     return [r for r in rows if (r["method"].startswith("grid") if grid else r["method"] == method)]
 
 
-def plot(rows: list[dict], trained: dict, path: Path) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    methods = list(dict.fromkeys("grid sequencing (best k)" if r["method"].startswith("grid") else r["method"]
-                                 for r in rows))
-    for method in methods:
-        chosen = rows_of(rows, method)
-        x = [r["unknowns"] for r in chosen]
-        y = [r["mean CPU s"] for r in chosen]
-        axes[0].loglog(x, y, "o-", label=f"{method} (p={exponent(x, y):.2f})")
-    x = sorted({r["unknowns"] for r in rows})
-    axes[0].loglog(x, [trained["cpu"]] * len(x), "k--", label=f"training, once at n={trained['family'].n} "
-                                                            f"({trained['cpu']:.0f} s CPU)")
-    axes[0].set_xlabel("unknowns")
-    axes[0].set_ylabel("CPU seconds per solve / training")
-    axes[0].legend(fontsize=7)
-    for method in methods:
-        if method.startswith("learned"):
-            continue
-        chosen = rows_of(rows, method)
-        x = [r["unknowns"] for r in chosen if math.isfinite(r["break-even solves (CPU)"])]
-        y = [r["break-even solves (CPU)"] for r in chosen if math.isfinite(r["break-even solves (CPU)"])]
-        if x:
-            axes[1].loglog(x, y, "o-", label=f"vs {method} (p={exponent(x, y):.2f})")
-    axes[1].axhline(50, color="gray", lw=0.8, ls=":")
-    axes[1].set_xlabel("unknowns")
-    axes[1].set_ylabel("deployed solves to pay back training (CPU)")
-    axes[1].legend(fontsize=7)
-    fig.suptitle("Bratu near the fold, Newton-Krylov (CG + GAMG): learned guess trained at "
-                 f"n = {trained['family'].n}, deployed on every size", fontsize=9)
+def plot(results: list[tuple[dict, list[dict]]], path: Path) -> None:
+    """Per family (a row of panels): CPU seconds per solve against unknowns, with the training
+    cost as a line, and the break-even count against each baseline."""
+    fig, grid = plt.subplots(len(results), 2, figsize=(11, 4.2 * len(results)), squeeze=False)
+    for (trained, rows), axes in zip(results, grid):
+        methods = list(dict.fromkeys("grid sequencing (best k)" if r["method"].startswith("grid") else r["method"]
+                                     for r in rows))
+        for method in methods:
+            chosen = rows_of(rows, method)
+            x = [r["unknowns"] for r in chosen]
+            y = [r["mean CPU s"] for r in chosen]
+            axes[0].loglog(x, y, "o-", label=f"{method} (p={exponent(x, y):.2f})")
+        x = sorted({r["unknowns"] for r in rows})
+        axes[0].loglog(x, [trained["cpu"]] * len(x), "k--", label=f"training, once at n={trained['family'].n} "
+                                                                f"({trained['cpu']:.0f} s CPU)")
+        axes[0].set_xlabel("unknowns")
+        axes[0].set_ylabel("CPU seconds per solve / training")
+        axes[0].set_title(f"{trained['spec'].name}: Newton-Krylov ({trained['spec'].krylov['ksp_type']} + GAMG), "
+                          f"guess trained at n = {trained['family'].n}", fontsize=9)
+        axes[0].legend(fontsize=7)
+        for method in methods:
+            if method.startswith("learned"):
+                continue
+            chosen = rows_of(rows, method)
+            x = [r["unknowns"] for r in chosen if math.isfinite(r["break-even solves (CPU)"])]
+            y = [r["break-even solves (CPU)"] for r in chosen if math.isfinite(r["break-even solves (CPU)"])]
+            if x:
+                axes[1].loglog(x, y, "o-", label=f"vs {method} (p={exponent(x, y):.2f})")
+        axes[1].axhline(50, color="gray", lw=0.8, ls=":")
+        axes[1].set_xlabel("unknowns")
+        axes[1].set_ylabel("deployed solves to pay back training (CPU)")
+        axes[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def linear_headroom(n: int, count: int, repeats: int = 2) -> dict[str, Any]:
-    """CPU seconds (set-up + solve) of every GAMG configuration on `count` tasks, `repeats` times."""
-    family = Anisotropic3D(n=n)
-    oracle = KSPOracle(ksp_type="cg", pc_type="gamg", rtol=1e-8, max_it=500)
-    times = {name: np.full((count, repeats), math.nan) for name in GAMG_CONFIGS}
-    its = {name: np.full(count, math.nan) for name in GAMG_CONFIGS}
-    names = list(GAMG_CONFIGS)
-    for index, task in enumerate(family.eval_tasks(count)):
-        oracle(task, {})  # the task's PETSc matrix, built once and kept on the task: untimed
-        for repeat in range(repeats):
-            for name in names[index % len(names):] + names[:index % len(names)]:
-                outcome, _, cpu = clock(lambda: oracle(task, GAMG_CONFIGS[name]))
-                if outcome.converged:
-                    times[name][index, repeat] = cpu
-                    its[name][index] = outcome.iterations
-    pick, charge = (0, 1) if repeats > 1 else (0, 0)
-    single = {name: float(np.mean(t[:, charge])) for name, t in times.items()}
-    best_single = min(single, key=lambda name: single[name] if math.isfinite(single[name]) else math.inf)
-    table = np.stack([times[name][:, pick] for name in names], axis=1)
-    per_task = [names[int(np.nanargmin(row))] for row in table]
-    per_instance = float(np.mean([times[name][i, charge] for i, name in enumerate(per_task)]))
-    return {"n": n, "unknowns": n ** 3, "tasks": count, "single": single, "iterations":
-            {k: float(np.nanmean(v)) for k, v in its.items()}, "best single": best_single,
-            "per-instance best": per_instance, "per-task choice": per_task,
-            "headroom": 1.0 - per_instance / single[best_single]}
-
-
-def run(out: Path, quick: bool = False) -> dict[str, Any]:
-    torch.set_num_threads(1)
-    trained = train(quick)
+def measure_family(spec: Nonlinear, quick: bool) -> tuple[dict, list[dict], dict[str, Any]]:
+    """Train once on the coarse grid through `run`, then every method at every size."""
+    trained = train(spec, quick)
     training_error = training_grid_error(trained, 4 if quick else 8)
-    sizes = [measure_size(n, count, trained) for n, count in (QUICK_SIZES if quick else SIZES).items()]
+    sizes = [measure_size(n, count, trained) for n, count in (spec.quick_sizes if quick else spec.sizes).items()]
     rows = [row for size in sizes for row in summarize_size(size, trained)]
-    plot(rows, trained, out / "scale.png")
     transfer = [{"n": s["n"], "unknowns": s["unknowns"], "relative error of the deployed guess": s["transfer_error"],
                  "deploy set-up CPU s": s["deploy_cpu"]} for s in sizes]
-    bound = projection_bound(129 if quick else 513)
-    headroom = [linear_headroom(n, count) for n, count in (QUICK_LINEAR_SIZES if quick else LINEAR_SIZES).items()]
-    headroom_rows = [{"n": h["n"], "unknowns": h["unknowns"], "tasks": h["tasks"], "best single": h["best single"],
-                      "best single CPU s": h["single"][h["best single"]],
-                      "per-instance best CPU s": h["per-instance best"], "headroom": h["headroom"],
-                      "per-task choices": ", ".join(sorted(set(h["per-task choice"])))} for h in headroom]
-    config_rows = [{"n": h["n"], "configuration": name, "mean CPU s": h["single"][name],
-                    "mean CG its": h["iterations"][name]} for h in headroom for name in GAMG_CONFIGS]
     exponents = {}
     for method in ("zero guess", *BUILT_INS, "learned (multilevel)"):
         chosen = [r for r in rows if r["method"].startswith(method)]
         exponents[method] = exponent([r["unknowns"] for r in chosen], [r["mean CPU s"] for r in chosen])
     markdown = "\n\n".join([
-        f"Learned guess trained once through the run layer from `examples/scale_bratu.toml` at n = "
+        f"## {spec.name}",
+        f"{trained['family'].describe()}",
+        f"Learned guess trained once through the run layer from `examples/{spec.config.name}` at n = "
         f"{trained['family'].n} ({trained['family'].n ** 2} unknowns, LU inside Newton): {trained['cpu']:.1f} s CPU "
         f"({trained['wall']:.1f} s wall) and {trained['solves']} solves in all ({trained['solve_breakdown']}); "
-        f"kept the {trained['kept']} weights. Deployed with Newton-Krylov (CG + GAMG, ksp_rtol 1e-8) to "
+        f"kept the {trained['kept']} weights. Deployed with Newton-Krylov ({spec.krylov}) to "
         f"||F|| <= 1e-10 ||F(0)||. Break-even counts include the training and the deployment set-up on that size.",
         markdown_table(rows), verdict(rows),
-        f"Fitted exponents of mean CPU seconds per solve in unknowns: "
+        "Fitted exponents of mean CPU seconds per solve in unknowns: "
         + ", ".join(f"{k} {v:.2f}" for k, v in exponents.items()) + ". Training is paid once, at the coarse grid "
-        f"(exponent 0 in the deployed size).",
+        "(exponent 0 in the deployed size).",
         f"Transfer error (multilevel training): relative error of the guess on its training grid n = "
         f"{trained['family'].n}: {training_error:.3g}; on the deployed grids:",
-        markdown_table(transfer),
-        "The floor of any sine-mode guess: the converged solution of one unseen task projected on K x K modes "
-        "(no learning error at all), and the Newton steps from it:",
+        markdown_table(transfer)])
+    return trained, rows, {"family": spec.name, "summary": rows, "markdown": markdown, "transfer": transfer,
+                           "training_grid_error": training_error, "exponents": exponents,
+                           "training": {k: v for k, v in trained.items() if k not in ("spec", "meta", "family", "config")}}
+
+
+def run(out: Path, quick: bool = False) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    measured = [measure_family(spec, quick) for spec in FAMILIES]
+    plot([(trained, rows) for trained, rows, _ in measured], out / "scale.png")
+    bound = projection_bound(129 if quick else 513)
+    markdown = "\n\n".join([*(m["markdown"] for _, _, m in measured),
+        "The floor of any sine-mode guess (Bratu): the converged solution of one unseen task projected on K x K "
+        "modes (no learning error at all), and the Newton steps from it:",
         markdown_table(bound),
-        "Linear family, 3-D anisotropic diffusion, CG + GAMG to rtol 1e-8: headroom of a per-instance GAMG "
-        "configuration (per-instance best picked on one repeat, charged an independent repeat):",
-        markdown_table(headroom_rows), markdown_table(config_rows)])
-    return {"summary": rows, "markdown": markdown, "transfer": transfer, "training_grid_error": training_error,
-            "exponents": exponents, "projection_bound": bound, "headroom": headroom_rows, "gamg_configs": config_rows,
-            "training": {k: v for k, v in trained.items() if k not in ("meta", "family", "config")}}
+        "The linear family (a per-instance choice at these sizes, its headroom and an online bandit) is "
+        "measured in `scale_linear.md`."])
+    return {"families": [m for _, _, m in measured], "markdown": markdown, "projection_bound": bound,
+            "summary": [row for _, rows, _ in measured for row in rows]}
