@@ -166,10 +166,11 @@ class LearnedWallModel:
     features); θ is the output layer [w (hidden), bias]. Why not train W too: c is then linear
     in θ, so the solve's response to θ is as linear as its response to c (`LinearisedResponse`
     is exact to first order everywhere, not only at θ₀), the cost is convex to that order, and a
-    forward gradient's variance, which grows with dim θ, is that of 17 parameters instead of 81.
+    forward gradient's variance grows with dim θ (hidden + 1) instead of with every weight.
     Measured on the leave-one-DNS-case-out fits: 16 fixed features fit the targets to 0.12–0.2%
     RMS like a trained 8-unit MLP, and Adam reaches that fit in a few hundred noisy steps where
-    the MLP stalled at 0.4–0.6%.
+    the MLP stalled at 0.4–0.6%; following the friction law at the low end of the Re range on
+    every grid takes up to 64 (`problems.channel.HIDDEN`: cross-validation chooses).
 
     θ₀ = 0 is exactly Spalding, and so is a missing θ (`None`). The same code evaluates c_θ on
     NumPy arrays (inside the solver's residual) and on torch tensors (differentiable, for a

@@ -14,7 +14,7 @@ from metasolve.app.config import load_config
 from metasolve.app.experiment import build_experiment
 from metasolve.training.parallel import SerialExecutor
 from problems import make_family
-from problems.channel import ChannelFamily
+from problems.channel import HIDDEN, ChannelFamily
 from problems.channel_dns import LAW_NOISE, FrictionLaw, dns_case, dns_profiles
 from problems.channel_flow import Grid, wall_resolved, wall_resolved_reference
 from problems.channel_task import RESPONSE_SOLVES, WALL_MODEL_KEY, ChannelTask, wall_modelled_oracle
@@ -190,7 +190,7 @@ def test_grids_and_family_reject_bad_input():
         ChannelFamily(ridge=-1.0)
     with pytest.raises(ValueError, match="no measured response"):
         ChannelTask(re_b=20121, grid_name="u12").features
-    with pytest.raises(ValueError, match="problem.train_tasks = 50"):
+    with pytest.raises(ValueError, match="problem.train_tasks = 70"):
         ChannelFamily().train_tasks(64)
 
 
@@ -214,16 +214,23 @@ def test_toml_builds_the_wall_model_experiment():
     config = load_config(CONFIG)
     experiment = build_experiment(config, SerialExecutor())
     assert isinstance(experiment.family, ChannelFamily) and isinstance(experiment.meta_solver, SharedParameters)
-    assert len(experiment.train_tasks) == 50 and len(experiment.eval_tasks) == 5
+    assert len(experiment.train_tasks) == 70 and len(experiment.eval_tasks) == 5
     assert {t.source for t in experiment.train_tasks} == {"DNS Re550", "DNS Re2000", "friction law"}
     assert {t.source for t in experiment.eval_tasks} == {"DNS Re180"}  # the held-out case never trains
     family = experiment.family
     assert experiment.blackbox.space.dim == family.wall_model.n_params == family.calibration.model.hidden + 1
-    assert family.calibration.model.hidden in (4, 8, 16) and set(family.calibration.held_out_thetas) == {"Re550", "Re2000"}
+    assert family.calibration.model.hidden in HIDDEN and set(family.calibration.held_out_thetas) == {"Re550", "Re2000"}
     assert isinstance(experiment.blackbox.estimator.surrogate.net, LinearisedResponse)
-    # training starts from the cross-validated fit; building measured each of the 55 tasks' responses once
+    # training starts from the cross-validated fit; building measured each of the 75 tasks' responses once
     np.testing.assert_array_equal(experiment.meta_solver.theta.detach().numpy(), family.calibration.theta)
-    assert family.response_solves == RESPONSE_SOLVES * (50 + 5)
+    assert family.response_solves == RESPONSE_SOLVES * (70 + 5)
+    # the fit follows its own targets where the unseen case lies, on every grid: at Re_tau 180 the
+    # friction law's Re_tau (fitted to 550 and 2000, below its cases) is reproduced to half the fit's
+    # floor; 16 features missed it by 0.3% on s16 (the misses of benchmarks/results/wall_model.md)
+    from problems.channel_calibration import FIT_FLOOR, linearised_log_re_tau
+    law_targets = [t.retargeted(family.law.re_tau(t.re_b), "friction law") for t in experiment.eval_tasks]
+    predicted = linearised_log_re_tau(family.calibration.model, family.calibration.theta, law_targets)
+    assert np.max(np.abs(predicted - np.log([t.target for t in law_targets]))) < FIT_FLOOR / 2
 
 
 def test_linearised_surrogate_gradient_matches_the_solver_at_spalding():
