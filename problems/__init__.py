@@ -18,6 +18,7 @@ from problems.convdiff import ConvDiff
 from problems.diffusion import Diffusion
 from problems.family import EVAL_OFFSET, Family, Task
 from problems.mixed import Mixed
+from problems.nonlinear_diffusion import NonlinearDiffusion
 from problems.poisson import Poisson1D, Poisson2D
 from problems.program import ProgramFamily
 from problems.recorded import RecordedFamily
@@ -30,6 +31,7 @@ FAMILIES: dict[str, type[Family]] = {
     "mixed": Mixed,
     "channel": ChannelFamily,
     "bratu": Bratu,
+    "nonlinear_diffusion": NonlinearDiffusion,
     "anisotropic3d": Anisotropic3D,
     "program": ProgramFamily,
     "recorded": RecordedFamily,
@@ -80,5 +82,5 @@ def make_family(name: str, **params: Any) -> Family:
     return family_class(name, params)(**params)
 
 
-__all__ = ["EVAL_OFFSET", "FAMILIES", "Bratu", "ChannelFamily", "ConvDiff", "Diffusion", "Family", "Mixed", "Poisson1D", "Poisson2D",
+__all__ = ["EVAL_OFFSET", "FAMILIES", "Bratu", "ChannelFamily", "ConvDiff", "Diffusion", "Family", "Mixed", "NonlinearDiffusion", "Poisson1D", "Poisson2D",
            "ProgramFamily", "RecordedFamily", "Task", "family_class", "make_family", "user_family"]

@@ -39,10 +39,11 @@ def same_task(t1, t2) -> bool:
 def test_registry_holds_every_family():
     from problems import Bratu, Mixed, ProgramFamily, RecordedFamily
     from problems.anisotropic3d import Anisotropic3D
+    from problems.nonlinear_diffusion import NonlinearDiffusion
 
     assert FAMILIES == {"poisson1d": Poisson1D, "poisson2d": Poisson2D, "diffusion": Diffusion, "convdiff": ConvDiff,
                         "channel": ChannelFamily, "mixed": Mixed, "bratu": Bratu, "program": ProgramFamily,
-                        "recorded": RecordedFamily, "anisotropic3d": Anisotropic3D}
+                        "nonlinear_diffusion": NonlinearDiffusion, "recorded": RecordedFamily, "anisotropic3d": Anisotropic3D}
 
 
 @pytest.mark.parametrize("name", sorted(SMALL))
@@ -221,7 +222,7 @@ def test_train_and_evaluation_indices_are_disjoint():
 
 
 def test_make_family_names_unknown_families_and_parameters():
-    with pytest.raises(ValueError, match="'heat'.*bratu, channel, convdiff, diffusion, mixed, poisson1d, poisson2d"):
+    with pytest.raises(ValueError, match="'heat'.*bratu, channel, convdiff, diffusion, mixed, nonlinear_diffusion, poisson1d, poisson2d"):
         make_family("heat")
     with pytest.raises(ValueError, match="'contrast'.*diffusion.*contrast_range"):
         make_family("diffusion", contrast=1.0)
