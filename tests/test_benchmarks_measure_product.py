@@ -35,7 +35,7 @@ MAY_ASSEMBLE_INTERNALS = {
 """Estimator science and timing of machinery: the sections allowed to assemble internals."""
 
 TRAINING_SECTIONS = {"newton", "initial_guess", "discrete", "executable", "heat_stepper", "options", "wall_model",
-                     "tutorials", "scale"}
+                     "tutorials", "scale", "end_to_end"}
 """Sections whose numbers are a trained predictor's: each must train through `run`."""
 
 
