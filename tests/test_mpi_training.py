@@ -105,3 +105,31 @@ def test_a_bad_option_ends_the_mpi_job_with_a_message_naming_it(tmp_path, option
     result, _ = train_on(2, tmp_path, options)
     assert result.returncode != 0
     assert message in result.stderr
+
+
+def test_sigterm_to_one_non_root_rank_stops_every_rank_after_one_step_and_resume_is_bitwise(tmp_path):
+    """The stop request travels in the step's all-gather: a signal to the last rank alone (once only
+    the root's was heard) stops both ranks after the same step, exit 143, with a checkpoint from
+    which a resumed run ends bitwise where an uninterrupted one does."""
+    from metasolve.training.checkpoint import list_checkpoints, load_checkpoint
+
+    steps = 400
+    config = tmp_path / "long.toml"
+    text = CONFIG.format(options="{}", schedule="balanced", isolate="false", chunk_rows=0)
+    config.write_text(text.replace("steps = 4", f"steps = {steps}").replace("checkpoint_every = 2", "checkpoint_every = 1000"))
+    out = tmp_path / "signalled"
+    result = run_mpi(Path(__file__).parent / "mpi_scripts" / "signal_one_rank.py", n=2,
+                     args=[out / "metrics.jsonl", "train", config, "--out", out, "--quiet"], timeout=300)
+    assert result.returncode == 143, result.stderr[-3000:]
+    (checkpoint,) = list_checkpoints(out / "checkpoints")
+    stopped = load_checkpoint(checkpoint)["step"]
+    assert 3 <= stopped < steps
+    assert result.stderr.count(f"stopped by SIGTERM after step {stopped}") == 2, result.stderr[-3000:]  # both ranks
+    assert not (out / "meta_solver.pt").exists()
+    resumed = run_mpi(CLI, n=2, args=["train", config, "--out", out, "--quiet", "--resume"], timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    straight = run_mpi(CLI, n=1, args=["train", config, "--out", tmp_path / "straight", "--quiet"], timeout=300)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    mine, theirs = (torch.load(d / "meta_solver.pt", weights_only=False)["meta_solver"]["state"]
+                    for d in (out, tmp_path / "straight"))
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)

@@ -88,6 +88,10 @@ class Executor(Protocol):
 
     def barrier(self) -> None: ...
 
+    def agree_to_stop(self, requested: Callable[[], int | None]) -> int | None:
+        """After a training step: the stop signal every rank acts on (any rank's `requested()`), or None."""
+        ...
+
 
 class SerialExecutor:
     """One process: `map` is a list comprehension and exceptions propagate unchanged."""
@@ -112,3 +116,7 @@ class SerialExecutor:
 
     def barrier(self) -> None:
         """Nothing to wait for."""
+
+    def agree_to_stop(self, requested: Callable[[], int | None]) -> int | None:
+        """One process: its own stop request."""
+        return requested()

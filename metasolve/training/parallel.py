@@ -9,10 +9,17 @@ item alone (a rank's private state, such as a random generator it advances, must
 
 Two schedules decide who solves what:
 - `static`: contiguous blocks whose sizes differ by at most one (`block`).
-- `balanced` (default): longest expected first (LPT, Graham 1969). The expected cost of an item
-  is the wall time the same key took the last time it was solved (every worker's measured
-  seconds travel in the all-gather, so every rank holds the same numbers and computes the same
-  assignment); unseen keys cost the mean of the known ones. Solve costs within one batch differ
+- `balanced` (default): longest expected first (LPT, Graham 1969), each item to the worker that
+  is free first. The expected cost of an item is the wall time the same key took the last time
+  it was solved (every worker's measured seconds travel in the all-gather, so every rank holds
+  the same numbers and computes the same order); unseen keys cost the mean of the known ones.
+  With one rank per worker the items are handed out as the ranks free up: a counter in an MPI
+  window on rank 0, which each rank increments atomically (`Fetch_and_op`, a few µs, no help
+  from rank 0 needed) to take the next item in that order. Expected costs then only set the
+  order; who runs what follows the actual costs, so a mispredicted item, a rank that entered
+  the round late (the root writes metrics and checkpoints) or a machine shared with other jobs
+  no longer leaves a worker idle at the all-gather. A group of ranks (`group_size` > 1) gets
+  its items by LPT on the expected costs, decided ahead. Solve costs within one batch differ
   by 10x and more (grid sizes, iteration counts); with contiguous blocks the rank that drew the
   slow block makes every other rank wait at the all-gather. LPT's makespan is at most
   4/3 − 1/(3P) of the optimum, and within one item's cost of the mean load.
@@ -34,16 +41,22 @@ rebuilt bit for bit on arrival (torch's own pickling of a surrogate update — w
 moments, generator state: some 30 small tensors — is an order of magnitude slower to write and
 to read, and cost a round of ~1 ms solves more than its solves). A rank reads only the others'
 contributions and keeps its own results as they are, as the serial executor returns them.
+
+A stop request (SIGTERM/SIGINT, `agree_to_stop`) travels in the same all-gather: each rank adds
+its own, read when it sends, and every rank acts on the first in rank order. A training step then
+has one collective, not a second one that waits for the root's metrics and checkpoint writes; only
+a step without a shared round (all replicated) agrees with a collective of its own.
 """
 from __future__ import annotations
 
+import atexit
 import heapq
 import io
 import pickle
 import sys
 import time
 import traceback
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
@@ -57,6 +70,18 @@ Result = TypeVar("Result")
 SCHEDULES = ("static", "balanced")
 REFRESH = 8
 """A replicated round is shared again after this many, to re-measure what sharing costs."""
+
+_WINDOWS: list[Any] = []
+"""The executors' MPI windows, freed together (collectively, in creation order reversed) at exit,
+before MPI finalizes: a window left open makes UCX print warnings to stdout at exit."""
+
+
+@atexit.register  # after mpi4py's and petsc4py's own, so it runs before they finalize MPI
+def _free_windows() -> None:
+    while _WINDOWS:
+        window = _WINDOWS.pop()
+        window.Unlock_all()
+        window.Free()
 
 
 def block(n_items: int, n_workers: int, worker: int) -> range:
@@ -166,6 +191,22 @@ class MPIExecutor:
         self.replicated_rounds = 0  # how many rounds ran replicated since the last shared one
         self.total_rounds = self.total_replicated = 0  # rounds (`map` calls) in all, and how many ran replicated
         self._last_round = (0.0, 0.0)  # this rank's (work, overhead) in its last shared round, sent with the next
+        self._stop_requested: Callable[[], int | None] = lambda: None  # read when a shared round sends
+        self._stop_agreed: int | None = None  # the first stop request the shared rounds since `agree_to_stop` carried
+        self._shared_since_agreed = False
+        # Items handed out as ranks free up (one rank per worker, balanced): a counter on rank 0.
+        # Each shared round every rank takes until it draws past the round's items, so the counter
+        # ends every round at `_dealt` (the same number on every rank) without a reset.
+        self.dynamic = schedule == "balanced" and group_size == 1 and self.size > 1
+        self._dealt = 0
+        if self.dynamic:
+            self._counter = MPI.Win.Allocate(8 if self.is_root else 0, 8, comm=comm)
+            if self.is_root:
+                np.frombuffer(self._counter.tomemory(), dtype=np.int64)[:] = 0
+            comm.Barrier()
+            self._counter.Lock_all()
+            _WINDOWS.append(self._counter)
+            self._one, self._taken = np.ones(1, dtype=np.int64), np.zeros(1, dtype=np.int64)
 
     def replicate(self, n_items: int, keys: Sequence[Hashable] | None) -> bool:
         """Whether every rank should compute every item of this round itself (see the module
@@ -180,13 +221,38 @@ class MPIExecutor:
         return sum(costs) - max(loads) < self.overhead
 
     def assignment(self, n_items: int, keys: Sequence[Hashable] | None = None) -> list[list[int]]:
-        """Item indices per worker for a `map` over `n_items` items with these `keys`."""
+        """Item indices per worker for a `map` over `n_items` items with these `keys`, decided ahead
+        (the static schedule; the balanced one for groups of ranks)."""
         if self.schedule == "static":
             return [list(block(n_items, self.workers, w)) for w in range(self.workers)]
+        return longest_first(self._expected(n_items, keys), self.workers)
+
+    def order(self, n_items: int, keys: Sequence[Hashable] | None = None) -> list[int]:
+        """The order in which the balanced schedule hands items out: longest expected first
+        (ties: lower index first)."""
+        costs = self._expected(n_items, keys)
+        return sorted(range(n_items), key=lambda i: (-costs[i], i))
+
+    def _expected(self, n_items: int, keys: Sequence[Hashable] | None) -> list[float]:
         known = self.expected_seconds
         fallback = sum(known.values()) / len(known) if known else 1.0
-        costs = [known.get(key, fallback) for key in keys] if keys is not None else [1.0] * n_items
-        return longest_first(costs, self.workers)
+        return [known.get(key, fallback) for key in keys] if keys is not None else [1.0] * n_items
+
+    def _owned(self, n_items: int, keys: Sequence[Hashable] | None) -> Iterator[int]:
+        """The indices this worker runs: decided ahead, or (`dynamic`) taken one at a time from the
+        counter, in `order`, until the counter passes the round's items. Must be run to its end."""
+        if not self.dynamic:
+            yield from self.assignment(n_items, keys)[self.worker]
+            return
+        order = self.order(n_items, keys)
+        while True:
+            self._counter.Fetch_and_op(self._one, self._taken, 0, 0, MPI.SUM)
+            self._counter.Flush(0)
+            position = int(self._taken[0]) - self._dealt
+            if position >= n_items:
+                break
+            yield order[position]
+        self._dealt += n_items + self.size  # every rank drew exactly once past the items
 
     def map(self, fn: Callable[[Item], Result], items: Iterable[Item],
             keys: Sequence[Hashable] | None = None) -> list[Result]:
@@ -205,10 +271,10 @@ class MPIExecutor:
             return self._replicated(fn, items)
         self.replicated_rounds = 0
         round_begin = time.perf_counter()
-        assignment = self.assignment(len(items), keys)
-        owned = assignment[self.worker]
-        results, seconds, error = [], [], None
+        owned = self._owned(len(items), keys)
+        ran, results, seconds, error = [], [], [], None
         for index in owned:
+            ran.append(index)
             begin = time.perf_counter()
             try:
                 results.append(fn(items[index]))
@@ -219,25 +285,31 @@ class MPIExecutor:
                 break
             if error is not None:
                 break
+        for _ in owned:  # the counter must pass the round's items on every rank; the error ends the round
+            pass
         is_leader = self.group.Get_rank() == 0
-        mine = (results, seconds) if is_leader else None
-        payloads = self.comm.allgather(dumps((mine if error is None else None, error, self._last_round)))
-        gathered = [(mine, error, self._last_round) if rank == self.rank else pickle.loads(payload)
+        mine = (ran[:len(results)], results, seconds) if is_leader else None
+        stop = self._stop_requested()
+        payloads = self.comm.allgather(dumps((mine if error is None else None, error, self._last_round, stop)))
+        gathered = [(mine, error, self._last_round, stop) if rank == self.rank else pickle.loads(payload)
                     for rank, payload in enumerate(payloads)]
+        self._shared_since_agreed = True
+        if self._stop_agreed is None:
+            self._stop_agreed = next((signum for *_, signum in gathered if signum is not None), None)
         work = sum(seconds)
         self._last_round = (work, time.perf_counter() - round_begin - work)
         # The busiest rank's overhead (ties: the lowest rank), the same number on every rank.
-        _, previous = max((last for _, _, last in gathered), key=lambda last: last[0])
+        _, previous = max((last for _, _, last, _ in gathered), key=lambda last: last[0])
         self.overhead = previous if not self.overhead else 0.5 * (self.overhead + previous)
-        errors = [error for _, error, _ in gathered if error is not None]
+        errors = [error for _, error, _, _ in gathered if error is not None]
         if errors:
             rank, index, kind, message, text = min(errors, key=lambda e: (e[1], e[0]))
             raise RemoteError(rank, index, kind, message) from _RemoteTraceback(text)
         placed: list[Any] = [None] * len(items)
         self.item_seconds = [0.0] * len(items)
-        for rank, (contribution, _, _) in enumerate(gathered):
+        for contribution, *_ in gathered:
             if contribution is not None:
-                for index, result, spent in zip(assignment[rank // self.group_size], *contribution):
+                for index, result, spent in zip(*contribution):
                     placed[index], self.item_seconds[index] = result, spent
         if keys is not None:
             self.expected_seconds.update(zip(keys, self.item_seconds))
@@ -254,6 +326,19 @@ class MPIExecutor:
             results.append(fn(item))
             self.item_seconds.append(time.perf_counter() - begin)  # this rank's own: informational only
         return results
+
+    def agree_to_stop(self, requested: Callable[[], int | None]) -> int | None:
+        """The stop request every rank acts on after a step: the first (in rank order) that the
+        shared rounds since the last call carried, each rank's read as it sent; with no shared
+        round since, one all-gather of `requested()` now. Every rank decides alike which rounds
+        are shared, so all take the same branch. `requested` is kept for the rounds to come."""
+        self._stop_requested = requested
+        if self._shared_since_agreed:
+            agreed = self._stop_agreed
+        else:
+            agreed = next((signum for signum in self.comm.allgather(requested()) if signum is not None), None)
+        self._stop_agreed, self._shared_since_agreed = None, False
+        return agreed
 
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's `obj` on every rank (e.g. a checkpoint only the root has read)."""

@@ -254,24 +254,21 @@ class Trainer:
             self._resume(steps)
         if eval_tasks and not self.untrained:
             self.preflight(eval_tasks)
-        metrics = Path(metrics_path) if metrics_path is not None else None
-        if metrics is not None and self.executor.is_root:
-            metrics.parent.mkdir(parents=True, exist_ok=True)
-            metrics.write_text("".join(json.dumps(_finite(row), allow_nan=False) + "\n" for row in self.history))
         interactive = sys.stderr.isatty()
         bar = tqdm(total=steps, initial=self.step, disable=not (self.progress and self.executor.is_root and interactive),
                    desc="train", unit="step", dynamic_ncols=True)
         every = max(1, steps // 20)  # without a terminal: a log line per 5% instead of bar redraws
-        with _StopRequests().installed() as stop:
+        with _StopRequests().installed() as stop, self._metrics(metrics_path) as write_row:
+            # From here on each shared executor round carries this rank's stop request; the step's
+            # own all-gather is then the only collective of a step (`MPIExecutor.agree_to_stop`).
+            self.executor.agree_to_stop(lambda: stop.signum)
             while self.step < steps and not self.stopped_early:
                 row = self._train_step(train_tasks, batch_size)
                 if eval_tasks and eval_every and self.step % eval_every == 0:
                     row["eval_cost"] = self.evaluate_cost(eval_tasks)
                     self.stopped_early = self._out_of_patience(row["eval_cost"])
                 self.history.append(row)
-                if metrics is not None and self.executor.is_root:
-                    with metrics.open("a") as stream:
-                        stream.write(json.dumps(_finite(row), allow_nan=False) + "\n")
+                write_row(row)
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['loss']:.3g}", solves=row["solves"])
                 if self.progress and not interactive and (self.step % every == 0 or self.step == steps):
@@ -280,7 +277,7 @@ class Trainer:
                 self._check_failures(row, batch_size)
                 if self.step % self.checkpoint_every == 0 or self.step == steps or self.stopped_early:
                     self._save()
-                signum = self.executor.broadcast(stop.signum)  # the root's signal stops every rank together
+                signum = self.executor.agree_to_stop(lambda: stop.signum)  # any rank's signal stops every rank together
                 if signum is not None:
                     bar.close()
                     raise Interrupted(signum, self.step, self._save())
@@ -291,6 +288,25 @@ class Trainer:
             self.progress_report = check_progress(self.blackbox, self.meta_solver, eval_tasks, self.untrained,
                                                   self.history)
         return self.history
+
+    @contextmanager
+    def _metrics(self, path: str | Path | None) -> Iterator[Callable[[Mapping[str, Any]], None]]:
+        """A writer of metrics rows (root only): the history so far, then a line per step, flushed;
+        the file stays open for the whole fit instead of being reopened every step."""
+        if path is None or not self.executor.is_root:
+            yield lambda row: None
+            return
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w") as stream:
+            def write(row: Mapping[str, Any]) -> None:
+                stream.write(json.dumps(_finite(row), allow_nan=False) + "\n")
+                stream.flush()
+
+            for row in self.history:
+                stream.write(json.dumps(_finite(row), allow_nan=False) + "\n")
+            stream.flush()
+            yield write
 
     def _out_of_patience(self, cost: float) -> bool:
         """Early stopping: remember the step, cost and weights of the best held-out cost so far (the

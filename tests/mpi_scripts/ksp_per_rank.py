@@ -12,7 +12,7 @@ from solvers import KSPOracle
 from solvers._petsc import MPI, PETSc
 from tests.systems import poisson_1d
 
-executor = MPIExecutor(MPI.COMM_WORLD)
+executor = MPIExecutor(MPI.COMM_WORLD, schedule="static")  # a split decided ahead: every rank solves some
 tasks = [poisson_1d(n, seed=n) for n in (16, 24, 32, 40, 48)]
 oracle = KSPOracle("cg", "jacobi", rtol=1e-8, comm=executor.solve_comm)
 solved_here = []

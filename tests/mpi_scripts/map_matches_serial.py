@@ -1,10 +1,12 @@
 """Under mpiexec: `MPIExecutor.map` returns the serial result on every rank, bit for bit.
 
 Usage: map_matches_serial.py GROUP_SIZE SCHEDULE. Checks even, uneven, single and empty item
-lists, that each rank ran exactly the items its worker was assigned (the work really was split),
-and for the balanced schedule that keyed costs measured in one call steer the next: the item
-made 50x slower than the rest must end up alone on its worker once its cost is known; rounds of
-microsecond items run replicated, a round that one item dominates stays shared.
+lists, that each rank ran exactly the items its worker was assigned (the work really was split;
+items handed out as ranks free up: every item ran on exactly one rank, each rank's in the
+schedule's order), and for the balanced schedule that keyed costs measured in one call steer the
+next: the item made 50x slower than the rest must come first (handed out) or end up alone on its
+worker (decided ahead) once its cost is known; rounds of microsecond items run replicated, a
+round that one item dominates stays shared.
 Exits non-zero on every rank if any rank saw a mismatch.
 """
 import sys
@@ -39,12 +41,19 @@ for count in (0, 1, 5, 7, 2 * executor.size + 1):
 
     replicated = executor.replicate(count, keys)  # a round too short to share: every rank runs every item
     owned = items if replicated else [items[i] for i in executor.assignment(count, keys)[executor.worker]]
+    order = [items[i] for i in executor.order(count, keys)] if executor.schedule == "balanced" else items
     got = executor.map(recording_value, items, keys=keys)
     if not same(got, SerialExecutor().map(value, items)):
         problems.append(f"{count} items: result differs from the serial map")
     if not all(same(got, other) for other in MPI.COMM_WORLD.allgather(got)):
         problems.append(f"{count} items: ranks disagree")
-    if ran != owned:
+    if executor.dynamic and not replicated:
+        everyone = MPI.COMM_WORLD.allgather(ran)
+        if sorted(item for some in everyone for item in some) != items:
+            problems.append(f"{count} items handed out: the ranks ran {everyone}, not each item once")
+        if ran != [item for item in order if item in ran]:
+            problems.append(f"{count} items handed out: ran {ran}, not in the order {order}")
+    elif ran != owned:
         problems.append(f"{count} items: ran {ran}, worker {executor.worker} was assigned {owned}")
 
 if executor.schedule == "balanced" and executor.workers > 1:
@@ -65,9 +74,13 @@ if executor.schedule == "balanced" and executor.workers > 1:
         got = executor.map(uneven, items, keys=[f"task{i}" for i in items])
         if not same(got, SerialExecutor().map(value, items)):
             problems.append(f"uneven costs, call {attempt}: result differs from the serial map")
-    alone = [worker for worker in executor.assignment(len(items), [f"task{i}" for i in items]) if slow in worker]
-    if alone != [[slow]]:
+    task_keys = [f"task{i}" for i in items]
+    alone = [worker for worker in executor.assignment(len(items), task_keys) if slow in worker]
+    if not executor.dynamic and alone != [[slow]]:
         problems.append(f"after measuring, the slow item shares its worker: {alone}")
+    order = executor.order(len(items), task_keys)
+    if executor.dynamic and order[0] != slow:
+        problems.append(f"after measuring, the slow item is not handed out first: {order}")
     if not all(m == executor.expected_seconds for m in MPI.COMM_WORLD.allgather(executor.expected_seconds)):
         problems.append("ranks learned different expected costs")
     # One item dominates the round: sharing saves the others' 60 ms (makespan 200 ms instead of
