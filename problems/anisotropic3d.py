@@ -9,7 +9,7 @@ Per task: ε_y and ε_z are drawn log-uniformly from `epsilon_range`, independen
 mixes nearly isotropic operators (threshold 0 is right), plane anisotropy (one weak axis) and
 line anisotropy (two weak axes), where GAMG must drop the weak couplings to coarsen along the
 strong ones. The measured headroom — best single setting against the per-instance best — is in
-benchmarks/results/scale.md.
+benchmarks/results/scale_linear.md.
 Features (3): log10 ε_y, log10 ε_z, h.
 """
 from __future__ import annotations
