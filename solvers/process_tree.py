@@ -221,11 +221,27 @@ def handle_first_signal(signum: int, handler: Callable[[int, Any], None]) -> boo
     is installed and a second signal reaches it).
     """
     signal.signal(signum, handler)
-    if not sys.platform.startswith("linux"):
+    found = _action(signum)
+    if found is None:
         return False
+    libc, action = found
+    action.flags |= _SA_RESETHAND
+    return libc.sigaction(signum, ctypes.byref(action), None) == 0
+
+
+def handles_first_signal_only(signum: int) -> bool:
+    """Whether the current handler of `signum` was installed by `handle_first_signal` (so that a
+    caller replacing it for a while can put back exactly what it found)."""
+    found = _action(signum)
+    return found is not None and bool(found[1].flags & _SA_RESETHAND)
+
+
+def _action(signum: int) -> tuple[ctypes.CDLL, _SigAction] | None:
+    """libc and the current `sigaction` of `signum` (None where glibc's layout does not apply)."""
+    if not sys.platform.startswith("linux"):
+        return None
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     action = _SigAction()
     if libc.sigaction(signum, None, ctypes.byref(action)) != 0:
-        return False
-    action.flags |= _SA_RESETHAND
-    return libc.sigaction(signum, ctypes.byref(action), None) == 0
+        return None
+    return libc, action

@@ -498,3 +498,25 @@ def test_a_second_sigterm_ends_a_process_hung_inside_petsc_c_code(tmp_path):
         process.kill()
         process.wait()
     assert process.returncode == -signal.SIGTERM
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SA_RESETHAND through glibc")
+def test_training_handlers_are_one_shot_and_put_back_exactly_what_they_found():
+    """The trainer's SIGTERM/SIGINT handlers let a second signal act by default (a hang inside
+    PETSc during training), and leave the CLI's own one-shot handlers as they were."""
+    from metasolve.training.train import _StopRequests
+    from solvers.process_tree import handle_first_signal, handles_first_signal_only
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        outer = lambda signum, frame: None  # noqa: E731
+        handle_first_signal(signal.SIGTERM, outer)
+        signal.signal(signal.SIGINT, outer)
+        with _StopRequests().installed() as stop:
+            assert signal.getsignal(signal.SIGTERM) == stop._handle
+            assert handles_first_signal_only(signal.SIGTERM) and handles_first_signal_only(signal.SIGINT)
+        assert signal.getsignal(signal.SIGTERM) is outer and handles_first_signal_only(signal.SIGTERM)
+        assert signal.getsignal(signal.SIGINT) is outer and not handles_first_signal_only(signal.SIGINT)
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)

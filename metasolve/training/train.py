@@ -29,6 +29,7 @@ from metasolve.training.checkpoint import (CheckpointError, config_differences, 
                                            remove_stale, save_checkpoint)
 from metasolve.training.diagnosis import check_progress, failure_cause, features_of, held_out
 from solvers._petsc import stage
+from solvers.process_tree import handle_first_signal, handles_first_signal_only
 
 log = logging.getLogger("metasolve")
 KEEP_CHECKPOINTS = 2  # a damaged newest one still has an intact predecessor
@@ -50,28 +51,33 @@ class Interrupted(Exception):
 
 class _StopRequests:
     """SIGTERM/SIGINT handlers that only raise a flag, so the step in flight completes and is
-    checkpointed; a second signal of the same kind stops at once, as without the handler."""
+    checkpointed; a second signal stops at once, as without the handler, even inside PETSc's C
+    code where no Python handler runs (`handle_first_signal`)."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum == signum:
-            raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
         self.signum = signum
-        log.warning("%s received: stopping after the current step", signal.Signals(signum).name)
+        log.warning("%s received: stopping after the current step (a second one stops at once)",
+                    signal.Signals(signum).name)
 
     @contextmanager
     def installed(self) -> Iterator["_StopRequests"]:
         if threading.current_thread() is not threading.main_thread():
             yield self  # signals reach only the main thread; nothing to install here
             return
-        previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        previous = {s: (signal.getsignal(s), handles_first_signal_only(s)) for s in (signal.SIGTERM, signal.SIGINT)}
+        for s in previous:
+            handle_first_signal(s, self._handle)
         try:
             yield self
         finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+            for s, (handler, first_only) in previous.items():
+                if first_only:
+                    handle_first_signal(s, handler)
+                else:
+                    signal.signal(s, handler)
 
 
 def _finite(row: Mapping[str, Any]) -> dict[str, Any]:
