@@ -139,8 +139,9 @@ class BratuOracle(DMDASNESOracle):
     Newton iterations per grid level (`-snes_grid_sequence`) and the CPU time.
     """
 
-    def __init__(self, rtol: float = 1e-10, max_it: int = 50, options: Mapping[str, Any] | None = None) -> None:
-        super().__init__(BratuProblem(), rtol=rtol, max_it=max_it, options=options)
+    def __init__(self, rtol: float = 1e-10, max_it: int = 50, options: Mapping[str, Any] | None = None,
+                 comm: PETSc.Comm | None = None) -> None:
+        super().__init__(BratuProblem(), rtol=rtol, max_it=max_it, options=options, comm=comm)
 
     def __repr__(self) -> str:
         return f"BratuOracle(rtol={self.rtol}, max_it={self.max_it}, options={self.options})"

@@ -156,8 +156,9 @@ class NonlinearDiffusionOracle(DMDASNESOracle):
     `NonlinearDiffusionProblem`. A setting holds `u0` (interior values; absent = zero guess) and
     PETSc options; with a Krylov method inside Newton use GMRES (the Jacobian is nonsymmetric)."""
 
-    def __init__(self, rtol: float = 1e-10, max_it: int = 50, options: Mapping[str, Any] | None = None) -> None:
-        super().__init__(NonlinearDiffusionProblem(), rtol=rtol, max_it=max_it, options=options)
+    def __init__(self, rtol: float = 1e-10, max_it: int = 50, options: Mapping[str, Any] | None = None,
+                 comm: PETSc.Comm | None = None) -> None:
+        super().__init__(NonlinearDiffusionProblem(), rtol=rtol, max_it=max_it, options=options, comm=comm)
 
     def __repr__(self) -> str:
         return f"NonlinearDiffusionOracle(rtol={self.rtol}, max_it={self.max_it}, options={self.options})"

@@ -12,6 +12,12 @@ a private prefix, overridden by the setting (`split_setting`, checked as read) a
 Tolerance: every solve stops at ‖F‖ ≤ rtol·reference (the problem's `reference_norm`, e.g. the
 zero guess's ‖F(0)‖), the same absolute residual whatever the guess; SNES's own relative test
 (‖F‖ ≤ rtol·‖F(u0)‖) would demand more of a better guess.
+
+On a communicator of several ranks (`comm`, e.g. a `parallel.group_size = 2` group) the DMDA,
+SNES, Jacobian and linear solver are distributed, while the problem's callbacks stay whole-grid
+numpy: each rank gathers the whole grid in natural order, evaluates F (or ∂F/∂u) on it
+redundantly — cheap next to the distributed linear solve — and keeps its own box (or rows).
+`_GridLayout` is that translation; on one rank it is the identity, so serial solves are unchanged.
 """
 from __future__ import annotations
 
@@ -34,9 +40,9 @@ from solvers.outcome import Outcome
 class DMDAProblem(ABC):
     """A nonlinear problem on a 2-D vertex grid (boundary included), one unknown per vertex.
 
-    Arrays handed to `residual`/`jacobian` have the grid's shape (rows = y, columns = x, PETSc's
-    natural ordering on one process). A guess sets the unknowns `guess(task, u)` picks from a
-    grid; `embed` puts them back (by default every vertex).
+    Arrays handed to `residual`/`jacobian` are the whole grid (rows = y, columns = x, PETSc's
+    natural ordering), on every rank also when the solve is distributed. A guess sets the unknowns
+    `guess(task, u)` picks from a grid; `embed` puts them back (by default every vertex).
     """
 
     @abstractmethod
@@ -79,6 +85,80 @@ class DMDASolve:
     actually computed."""
 
 
+class _GridLayout:
+    """Between one DMDA's distributed vectors and matrices (PETSc ordering, each rank its box) and
+    the whole grid in natural row-major order that a `DMDAProblem` sees.
+
+    On one rank PETSc's ordering is the natural one and every method is a plain copy (or a view).
+    On several, `whole` is globalToNatural followed by a scatter to every rank, `keep_box` writes
+    the rank's box (`getCorners`) into a global vector, and `set_rows` inserts the rank's rows of
+    a natural-order CSR with its columns mapped to PETSc's ordering (`AO.app2petsc`).
+    """
+
+    def __init__(self, da: PETSc.DMDA) -> None:
+        self.shape = tuple(da.getSizes())[::-1]
+        self.distributed = da.getComm().getSize() > 1
+        if self.distributed:
+            self.ao = da.getAO()
+            (xs, ys), (xm, ym) = da.getCorners()
+            self.box = (slice(ys, ys + ym), slice(xs, xs + xm))
+            self.own_rows = (np.arange(ys, ys + ym)[:, None] * self.shape[1] + np.arange(xs, xs + xm)).ravel()
+            self.natural = da.createNaturalVec()
+            self.to_all, self.everywhere = PETSc.Scatter.toAll(self.natural)
+            self.da = da
+
+    def whole(self, x: PETSc.Vec) -> np.ndarray:
+        """The whole grid of a global vector, natural order, on every rank (a read-only view)."""
+        if not self.distributed:
+            return x.getArray(readonly=True).reshape(self.shape)
+        self.da.globalToNatural(x, self.natural)
+        self.to_all.scatter(self.natural, self.everywhere, addv=PETSc.InsertMode.INSERT_VALUES)
+        return self.everywhere.getArray(readonly=True).reshape(self.shape)
+
+    def keep_box(self, grid: np.ndarray, x: PETSc.Vec) -> None:
+        """Write this rank's part of a whole grid into the global vector `x`."""
+        x.setArray(grid[self.box].ravel() if self.distributed else grid.ravel())
+
+    def put(self, grid: np.ndarray, x: PETSc.Vec) -> None:
+        """A whole grid known on every rank into the global vector `x` (through the natural vector)."""
+        if not self.distributed:
+            x.setArray(grid.ravel())
+            return
+        start, end = self.natural.getOwnershipRange()
+        self.natural.setArray(grid.ravel()[start:end])
+        self.da.naturalToGlobal(self.natural, x)
+
+    def set_rows(self, matrix: sp.csr_matrix, P: PETSc.Mat) -> None:
+        """This rank's rows of a whole-grid, natural-order CSR (sorted indices) into P."""
+        if self.distributed:
+            matrix = matrix[self.own_rows]
+            columns = self.ao.app2petsc(matrix.indices.astype(PETSc.IntType))
+        else:
+            columns = matrix.indices.astype(PETSc.IntType)
+        P.setValuesCSR(matrix.indptr.astype(PETSc.IntType), columns, matrix.data)
+
+    def destroy(self) -> None:
+        if self.distributed:
+            for obj in (self.to_all, self.everywhere, self.natural):
+                obj.destroy()
+
+
+class _Layouts(dict):
+    """The `_GridLayout` of each grid level a solve visits (grid sequencing hands the callbacks
+    coarser DMDAs), keyed by the DMDA's sizes, built once per solve."""
+
+    def of(self, da: PETSc.DMDA) -> _GridLayout:
+        sizes = tuple(da.getSizes())
+        if sizes not in self:
+            self[sizes] = _GridLayout(da)
+        return self[sizes]
+
+    def destroy(self) -> None:
+        for layout in self.values():
+            layout.destroy()
+        self.clear()
+
+
 class DMDASNESOracle(Oracle):
     """PETSc SNES on `problem`'s DMDA as a pure function of (task, setting).
 
@@ -86,13 +166,19 @@ class DMDASNESOracle(Oracle):
     options for the SNES (its KSP and PC under it: `ksp_type`, `pc_type`, `snes_linesearch_type`,
     `snes_grid_sequence`, ...). `Outcome.residuals` is ‖F‖ per Newton step on the final grid,
     `solution` the guess's unknowns of the solution, `flops` PETSc's count of the solve (linear
-    algebra; not the Python residual/Jacobian callbacks).
+    algebra; not the Python residual/Jacobian callbacks), summed over `comm`.
+
+    `comm` (default PETSc.COMM_SELF) is where the DMDA and SNES live: on several ranks every rank
+    calls `solve` with the same task and setting, the problem's callbacks run on the whole grid on
+    every rank, and every rank gets the same `solution` (whole grid, natural order). LU inside
+    Newton (the default) needs a parallel direct solver there (MUMPS, SuperLU_dist); without one,
+    set a Krylov method and preconditioner (e.g. `ksp_type cg`, `pc_type gamg`).
     """
 
     return_solution = True
 
     def __init__(self, problem: DMDAProblem, rtol: float = 1e-10, max_it: int = 50,
-                 options: Mapping[str, Any] | None = None) -> None:
+                 options: Mapping[str, Any] | None = None, comm: PETSc.Comm | None = None) -> None:
         if not isinstance(problem, DMDAProblem):
             raise TypeError(f"DMDASNESOracle needs a DMDAProblem, got {type(problem).__name__}")
         if not 0 < rtol < 1 or max_it < 1:
@@ -100,6 +186,10 @@ class DMDASNESOracle(Oracle):
         self.problem = problem
         self.rtol, self.max_it = float(rtol), int(max_it)
         self.options = split_setting({}, options).options
+        self.comm = comm if comm is not None else PETSc.COMM_SELF
+        if not isinstance(self.comm, PETSc.Comm):
+            raise TypeError(f"DMDASNESOracle: comm must be a PETSc.Comm (e.g. PETSc.COMM_WORLD), "
+                            f"got {type(comm).__name__}")
         self.prefix = unique_prefix("dmda")
 
     def budget_options(self, budget: Budget, task: Any) -> dict[str, Any]:
@@ -130,14 +220,15 @@ class DMDASNESOracle(Oracle):
         begin = time.perf_counter()
         final_shape = self.problem.grid_shape(task)
         da = PETSc.DMDA().create(dim=2, sizes=start_shape[::-1], dof=1, stencil_width=1,
-                                 stencil_type=PETSc.DMDA.StencilType.STAR, comm=PETSc.COMM_SELF)
-        snes = PETSc.SNES().create(comm=PETSc.COMM_SELF)
+                                 stencil_type=PETSc.DMDA.StencilType.STAR, comm=self.comm)
+        snes = PETSc.SNES().create(comm=self.comm)
         history: list[tuple[tuple[int, ...], float]] = []
         failure: list[str] = []
+        layouts = _Layouts()
         try:
             snes.setDM(da)
-            snes.setFunction(self._function(task, failure), da.createGlobalVec())
-            snes.setJacobian(self._jacobian(task, failure))
+            snes.setFunction(self._function(task, failure, layouts), da.createGlobalVec())
+            snes.setJacobian(self._jacobian(task, failure, layouts))
             snes.setType(PETSc.SNES.Type.NEWTONLS)
             snes.getLineSearch().setType("bt")
             snes.getKSP().setType(PETSc.KSP.Type.PREONLY)
@@ -147,13 +238,14 @@ class DMDASNESOracle(Oracle):
             snes.setMonitor(lambda s, its, norm: history.append((tuple(s.getDM().getSizes()), float(norm))))
             snes.setOptionsPrefix(self.prefix)
             snes.setFromOptions()
+            self._check_parallel_factorization(snes.getKSP())
             with stage("oracle setup"):
                 snes.setUp()  # matrices and the LU's symbolic setup: what a code solving many tasks keeps
             x = da.createGlobalVec()
             if u0 is None:
                 x.set(0.0)
             else:
-                x.setArray(self.problem.embed(task, u0).ravel())
+                layouts.of(da).put(self.problem.embed(task, u0), x)
             setup_seconds = time.perf_counter() - begin
             start, start_cpu, start_flops = time.perf_counter(), time.process_time(), PETSc.Log.getFlops()
             try:
@@ -165,12 +257,15 @@ class DMDASNESOracle(Oracle):
                                                  seconds=time.perf_counter() - start), [])
             seconds, flops = time.perf_counter() - start, PETSc.Log.getFlops() - start_flops
             cpu_seconds = time.process_time() - start_cpu
+            if self.comm.getSize() > 1:
+                flops = self.comm.tompi4py().allreduce(flops)
             reason = int(snes.getConvergedReason())
             solution_vec = snes.getSolution()
             final_grid = solution_vec.getSize() == final_shape[0] * final_shape[1]
-            solution = (self.problem.guess(task, solution_vec.getArray().reshape(final_shape))
+            solution = (self.problem.guess(task, np.array(layouts.of(snes.getDM()).whole(solution_vec)))
                         if final_grid else None)
         finally:
+            layouts.destroy()
             snes.destroy()
             da.destroy()
         final_sizes = final_shape[::-1]
@@ -187,35 +282,47 @@ class DMDASNESOracle(Oracle):
                           norm_type="function", flops=flops)
         return DMDASolve(outcome, level_iterations, cpu_seconds)
 
-    def _function(self, task: Any, failure: list[str]) -> Callable:
+    def _check_parallel_factorization(self, ksp: PETSc.KSP) -> None:
+        """On several ranks, LU/Cholesky needs a parallel direct solver: say so before SNESSolve
+        fails deep inside PCSetUp."""
+        if self.comm.getSize() == 1 or ksp.getPC().getType() not in (PETSc.PC.Type.LU, PETSc.PC.Type.CHOLESKY):
+            return
+        packages = ("mumps", "superlu_dist", "strumpack", "pastix")
+        if not any(PETSc.Sys.hasExternalPackage(package) for package in packages):
+            raise ValueError(f"DMDASNESOracle on {self.comm.getSize()} ranks: pc_type {ksp.getPC().getType()} inside "
+                             f"Newton needs a parallel direct solver ({', '.join(packages)}), which this PETSc lacks; "
+                             "set a Krylov method and preconditioner, e.g. ksp_type cg (gmres if nonsymmetric), "
+                             "pc_type gamg")
+
+    def _function(self, task: Any, failure: list[str], layouts: _Layouts) -> Callable:
         """The SNES function on whatever grid the DM has now; a non-finite F stops Newton with a message."""
         def evaluate(snes: PETSc.SNES, x: PETSc.Vec, f: PETSc.Vec) -> None:
-            shape = tuple(snes.getDM().getSizes())[::-1]
+            layout = layouts.of(snes.getDM())
+            shape = layout.shape
             try:
                 with np.errstate(over="ignore", invalid="ignore"):  # a non-finite F is reported below
-                    value = np.asarray(self.problem.residual(task, x.getArray(readonly=True).reshape(shape)),
-                                       dtype=np.float64)
+                    value = np.asarray(self.problem.residual(task, layout.whole(x)), dtype=np.float64)
             except Exception as error:  # noqa: BLE001  (a failure of problem code is data)
                 if not failure:
                     failure.append(f"residual raised {type(error).__name__}: {error}")
                 value = np.full(shape, np.nan)
             if not np.all(np.isfinite(value)) and not failure:
                 failure.append("the residual is not finite (Newton left the solution's basin?)")
-            f.setArray(value.ravel())
+            layout.keep_box(value, f)
         return evaluate
 
-    def _jacobian(self, task: Any, failure: list[str]) -> Callable:
+    def _jacobian(self, task: Any, failure: list[str], layouts: _Layouts) -> Callable:
         def evaluate(snes: PETSc.SNES, x: PETSc.Vec, _J: PETSc.Mat, P: PETSc.Mat) -> None:
-            shape = tuple(snes.getDM().getSizes())[::-1]
+            layout = layouts.of(snes.getDM())
             try:
-                matrix = sp.csr_matrix(self.problem.jacobian(task, x.getArray(readonly=True).reshape(shape)))
+                matrix = sp.csr_matrix(self.problem.jacobian(task, layout.whole(x)))
             except Exception as error:  # noqa: BLE001
                 if not failure:
                     failure.append(f"Jacobian raised {type(error).__name__}: {error}")
                 raise
             matrix.sort_indices()
             P.zeroEntries()
-            P.setValuesCSR(matrix.indptr.astype(PETSc.IntType), matrix.indices.astype(PETSc.IntType), matrix.data)
+            layout.set_rows(matrix, P)
             P.assemble()
         return evaluate
 
