@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SECTIONS = ["overhead", "estimators", "estimator_training", "initial_guess", "newton", "options", "survey", "mpi_throughput", "scaling_model", "isolation", "wall_model", "executable", "heat_stepper", "discrete", "tutorials", "predict", "scale", "scale_linear", "end_to_end"]
+SECTIONS = ["overhead", "estimators", "estimator_training", "initial_guess", "newton", "options", "survey", "mpi_throughput", "scaling_model", "isolation", "wall_model", "executable", "heat_stepper", "discrete", "tutorials", "predict", "scale", "scale_ranks", "scale_linear", "end_to_end"]
 
 
 def run_benchmarks(only: list[str] | None = None, quick: bool = False, out: Path = RESULTS) -> dict:

@@ -62,6 +62,7 @@ from metasolve.app.run import run as run_config  # noqa: E402
 from problems.bratu import Bratu  # noqa: E402
 from problems.family import Family  # noqa: E402
 from problems.family import sine_modes  # noqa: E402
+from solvers._petsc import MPI  # noqa: E402
 from solvers.dmda_snes import DMDASNESOracle  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -96,10 +97,18 @@ BUILT_INS = ("grid sequencing", "continuation (nearest solved)", *KRYLOV_GUESSES
 """The PETSc built-ins and the user's own reuse the learned guess is judged against (issue 23)."""
 
 
-def clock(fn: Callable[[], Any]) -> tuple[Any, float, float]:
+def clock(fn: Callable[[], Any], comm: Any = None) -> tuple[Any, float, float]:
+    """(result, wall s, process CPU s) of `fn()`; on a communicator of several ranks (a collective
+    `fn`) the slowest rank's wall time and the CPU time summed over the ranks."""
+    ranks = comm.tompi4py() if comm is not None and comm.getSize() > 1 else None
+    if ranks is not None:
+        ranks.Barrier()
     wall, cpu = time.perf_counter(), time.process_time()
     result = fn()
-    return result, time.perf_counter() - wall, time.process_time() - cpu
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    if ranks is not None:
+        wall, cpu = ranks.allreduce(wall, op=MPI.MAX), ranks.allreduce(cpu, op=MPI.SUM)
+    return result, wall, cpu
 
 
 def train(spec: Nonlinear, quick: bool) -> dict[str, Any]:
@@ -119,9 +128,10 @@ def relative_error(guess: np.ndarray, solution: np.ndarray) -> float:
     return float(np.linalg.norm(guess - solution) / np.linalg.norm(solution))
 
 
-def newton(family: Family, options: dict[str, Any] | None = None) -> DMDASNESOracle:
-    """The generic DMDA Newton driver on the family's problem, to the section's tolerance."""
-    return DMDASNESOracle(family.oracle().problem, rtol=RTOL, options=options)
+def newton(family: Family, options: dict[str, Any] | None = None, comm: Any = None) -> DMDASNESOracle:
+    """The generic DMDA Newton driver on the family's problem, to the section's tolerance (each
+    solve on `comm`: one rank by default)."""
+    return DMDASNESOracle(family.oracle().problem, rtol=RTOL, options=options, comm=comm)
 
 
 def training_grid_error(trained: dict, tasks: int) -> float:
@@ -136,13 +146,14 @@ def on_size(family: Family, n: int) -> Family:
     return type(family)(**{**family.parameters, "n": n})
 
 
-def measure_size(n: int, count: int, trained: dict) -> dict[str, Any]:
-    """Every method on `count` unseen tasks of the n × n grid."""
+def measure_size(n: int, count: int, trained: dict, comm: Any = None) -> dict[str, Any]:
+    """Every method on `count` unseen tasks of the n × n grid (each solve on `comm`'s ranks)."""
     family = on_size(trained["family"], n)
     tasks = family.eval_tasks(count)
-    oracle = newton(family, trained["spec"].krylov)
-    clock(lambda: oracle.solve(tasks[0], {"snes_max_it": 1}))  # one-time caches (Jacobian pattern), untimed
-    (guess, deploy_wall, deploy_cpu) = clock(lambda: compiled(trained["meta"].on_grid(tasks[0].grid_shape), family))
+    oracle = newton(family, trained["spec"].krylov, comm)
+    clock(lambda: oracle.solve(tasks[0], {"snes_max_it": 1}), comm)  # one-time caches (Jacobian pattern), untimed
+    (guess, deploy_wall, deploy_cpu) = clock(lambda: compiled(trained["meta"].on_grid(tasks[0].grid_shape), family),
+                                             comm)
     solved: list[tuple[np.ndarray, np.ndarray]] = []
 
     def continuation(task: Any) -> dict:
@@ -161,7 +172,7 @@ def measure_size(n: int, count: int, trained: dict) -> dict[str, Any]:
     errors = []
     for index, task in enumerate(tasks):
         for name in names[index % len(names):] + names[:index % len(names)]:
-            result, wall, cpu = clock(lambda: oracle.solve(task, methods[name](task)))
+            result, wall, cpu = clock(lambda: oracle.solve(task, methods[name](task)), comm)
             entry = record[name]
             if not result.outcome.converged:
                 entry["failures"] += 1
@@ -174,7 +185,8 @@ def measure_size(n: int, count: int, trained: dict) -> dict[str, Any]:
                 errors.append(relative_error(guess(task)["u0"], result.outcome.solution))
             if name == "continuation (nearest solved)":
                 solved.append((parameter_point(family, task), result.outcome.solution))
-    return {"family": trained["spec"].name, "n": n, "unknowns": n * n, "tasks": count, "record": record, "transfer_error": float(np.mean(errors)),
+    ranks = comm.getSize() if comm is not None else 1
+    return {"family": trained["spec"].name, "n": n, "unknowns": n * n, "ranks": ranks, "tasks": count, "record": record, "transfer_error": float(np.mean(errors)),
             "deploy_wall": deploy_wall, "deploy_cpu": deploy_cpu}
 
 
@@ -227,7 +239,8 @@ def summarize_size(size: dict, trained: dict) -> list[dict[str, Any]]:
     for name in shown:
         entry = record[name]
         mean_cpu = float(np.mean(entry["cpu"])) if entry["cpu"] else math.nan
-        row = {"family": size["family"], "n": size["n"], "unknowns": size["unknowns"], "method": name, "tasks": size["tasks"],
+        row = {"family": size["family"], "n": size["n"], "unknowns": size["unknowns"], "ranks per solve": size["ranks"],
+               "method": name, "tasks": size["tasks"],
                "failures": entry["failures"], "Newton its": float(np.mean(entry["its"])) if entry["its"] else math.nan,
                "coarse its": float(np.mean(entry["coarse"])) if entry["coarse"] else math.nan,
                "mean CPU s": mean_cpu, "mean wall s": float(np.mean(entry["wall"])) if entry["wall"] else math.nan}
