@@ -28,7 +28,8 @@ import torch
 
 from problems.family import Family, check_count, check_range, format_distribution
 from solvers._petsc import PETSc
-from solvers.dmda_snes import DMDAProblem, DMDASNESOracle, DMDASolve
+from solvers.dmda_snes import DirichletInteriorProblem, DMDASNESOracle, DMDASolve
+from solvers.dmda_snes import embed_interior as embed
 
 FOLD = 6.808124423
 """λ* of the continuous problem (the discrete fold at n = 25 lies within 0.2% of it)."""
@@ -98,37 +99,18 @@ def jacobian(u: np.ndarray, lam: float) -> sp.csr_matrix:
     return sp.csr_matrix((values, indices, indptr), shape=(m * m, m * m))
 
 
-def embed(interior: np.ndarray, n: int) -> np.ndarray:
-    """The full n × n grid with the interior values and a zero boundary."""
-    u = np.zeros((n, n))
-    u[1:-1, 1:-1] = np.asarray(interior, dtype=np.float64).reshape(n - 2, n - 2)
-    return u
 
 
-class BratuProblem(DMDAProblem):
-    """The Bratu residual, Jacobian and grid handed to the generic DMDA Newton driver
+
+class BratuProblem(DirichletInteriorProblem):
+    """The Bratu residual and Jacobian handed to the generic DMDA Newton driver
     (`solvers.dmda_snes`): a guess sets the interior vertices, the tolerance refers to ‖F(0)‖."""
-
-    def grid_shape(self, task: BratuTask) -> tuple[int, int]:
-        return (task.n, task.n)
 
     def residual(self, task: BratuTask, u: np.ndarray) -> np.ndarray:
         return residual(u, task.lam)
 
     def jacobian(self, task: BratuTask, u: np.ndarray) -> sp.csr_matrix:
         return jacobian(u, task.lam)
-
-    def reference_norm(self, task: BratuTask) -> float:
-        return task.reference_norm
-
-    def embed(self, task: BratuTask, guess: np.ndarray) -> np.ndarray:
-        return embed(guess, task.n)
-
-    def guess(self, task: BratuTask, u: np.ndarray) -> np.ndarray:
-        return np.asarray(u, dtype=np.float64)[1:-1, 1:-1].ravel().copy()
-
-    def guess_size(self, task: BratuTask) -> int:
-        return task.size
 
 
 class BratuOracle(DMDASNESOracle):

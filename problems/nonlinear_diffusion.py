@@ -30,10 +30,9 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from problems.bratu import embed
 from problems.family import Family, check_count, check_range, format_distribution
 from solvers._petsc import PETSc
-from solvers.dmda_snes import DMDAProblem, DMDASNESOracle
+from solvers.dmda_snes import DirichletInteriorProblem, DMDASNESOracle
 
 NEIGHBOURS = ((-1, 0), (1, 0), (0, -1), (0, 1))
 """(row, column) offsets of the four faces of a vertex, in the order the Jacobian stores them."""
@@ -125,30 +124,15 @@ def jacobian(u: np.ndarray, mu: float) -> sp.csr_matrix:
     return sp.csr_matrix((values, indices, indptr), shape=(m * m, m * m))
 
 
-class NonlinearDiffusionProblem(DMDAProblem):
-    """The residual, Jacobian and grid handed to the generic DMDA Newton driver: a guess sets the
+class NonlinearDiffusionProblem(DirichletInteriorProblem):
+    """The residual and Jacobian handed to the generic DMDA Newton driver: a guess sets the
     interior vertices, the tolerance refers to ‖F(0)‖."""
-
-    def grid_shape(self, task: NonlinearDiffusionTask) -> tuple[int, int]:
-        return (task.n, task.n)
 
     def residual(self, task: NonlinearDiffusionTask, u: np.ndarray) -> np.ndarray:
         return residual(u, task.mu, task.amplitude)
 
     def jacobian(self, task: NonlinearDiffusionTask, u: np.ndarray) -> sp.csr_matrix:
         return jacobian(u, task.mu)
-
-    def reference_norm(self, task: NonlinearDiffusionTask) -> float:
-        return task.reference_norm
-
-    def embed(self, task: NonlinearDiffusionTask, guess: np.ndarray) -> np.ndarray:
-        return embed(guess, task.n)
-
-    def guess(self, task: NonlinearDiffusionTask, u: np.ndarray) -> np.ndarray:
-        return np.asarray(u, dtype=np.float64)[1:-1, 1:-1].ravel().copy()
-
-    def guess_size(self, task: NonlinearDiffusionTask) -> int:
-        return task.size
 
 
 class NonlinearDiffusionOracle(DMDASNESOracle):

@@ -74,6 +74,35 @@ class DMDAProblem(ABC):
         return rows * columns
 
 
+class DirichletInteriorProblem(DMDAProblem):
+    """A problem on a task's n × n vertex grid with u = 0 on the boundary, whose guess sets the
+    (n − 2)² interior vertices (their sine modes are the Dirichlet modes of the full grid). The
+    task carries `n`, `size` = (n − 2)² and `reference_norm`; a subclass supplies the physics
+    (`residual`, `jacobian`)."""
+
+    def grid_shape(self, task: Any) -> tuple[int, int]:
+        return (task.n, task.n)
+
+    def reference_norm(self, task: Any) -> float:
+        return task.reference_norm
+
+    def embed(self, task: Any, guess: np.ndarray) -> np.ndarray:
+        return embed_interior(guess, task.n)
+
+    def guess(self, task: Any, u: np.ndarray) -> np.ndarray:
+        return np.asarray(u, dtype=np.float64)[1:-1, 1:-1].ravel().copy()
+
+    def guess_size(self, task: Any) -> int:
+        return task.size
+
+
+def embed_interior(interior: np.ndarray, n: int) -> np.ndarray:
+    """The full n × n grid with the interior values and a zero boundary."""
+    u = np.zeros((n, n))
+    u[1:-1, 1:-1] = np.asarray(interior, dtype=np.float64).reshape(n - 2, n - 2)
+    return u
+
+
 @dataclass
 class DMDASolve:
     """One Newton solve: its Outcome and the Newton iterations on every grid level (coarse first)."""

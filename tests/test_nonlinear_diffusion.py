@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from problems import make_family
-from problems.bratu import embed
+from solvers.dmda_snes import embed_interior as embed
 from problems.nonlinear_diffusion import (NonlinearDiffusion, NonlinearDiffusionOracle, forcing, jacobian,
                                           residual)
 
