@@ -99,9 +99,6 @@ def jacobian(u: np.ndarray, lam: float) -> sp.csr_matrix:
     return sp.csr_matrix((values, indices, indptr), shape=(m * m, m * m))
 
 
-
-
-
 class BratuProblem(DirichletInteriorProblem):
     """The Bratu residual and Jacobian handed to the generic DMDA Newton driver
     (`solvers.dmda_snes`): a guess sets the interior vertices, the tolerance refers to ‖F(0)‖."""
