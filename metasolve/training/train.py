@@ -310,8 +310,7 @@ class Trainer:
                 stream.flush()
 
             for row in self.history:
-                stream.write(json.dumps(_finite(row), allow_nan=False) + "\n")
-            stream.flush()
+                write(row)
             yield write
 
     def _out_of_patience(self, cost: float) -> bool:
