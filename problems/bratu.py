@@ -28,7 +28,7 @@ import torch
 
 from problems.family import Family, check_count, check_range, format_distribution
 from solvers._petsc import PETSc
-from solvers.dmda_snes import DirichletInteriorProblem, DMDASNESOracle, DMDASolve
+from solvers.dmda_snes import DirichletInteriorProblem, DirichletInteriorTask, DMDASNESOracle, DMDASolve
 from solvers.dmda_snes import embed_interior as embed
 
 FOLD = 6.808124423
@@ -36,7 +36,7 @@ FOLD = 6.808124423
 
 
 @dataclass
-class BratuTask:
+class BratuTask(DirichletInteriorTask):
     """One Bratu instance. The unknowns a guess sets are the interior vertices, `grid_shape`
     (n − 2) × (n − 2), row-major: their sine modes are the Dirichlet modes of the full grid."""
 
@@ -45,14 +45,6 @@ class BratuTask:
     features: torch.Tensor
     name: str = ""
     parameters: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def grid_shape(self) -> tuple[int, int]:
-        return (self.n - 2, self.n - 2)
-
-    @property
-    def size(self) -> int:
-        return (self.n - 2) ** 2
 
     @property
     def reference_norm(self) -> float:

@@ -32,14 +32,14 @@ import torch
 
 from problems.family import Family, check_count, check_range, format_distribution
 from solvers._petsc import PETSc
-from solvers.dmda_snes import DirichletInteriorProblem, DMDASNESOracle
+from solvers.dmda_snes import DirichletInteriorProblem, DirichletInteriorTask, DMDASNESOracle
 
 NEIGHBOURS = ((-1, 0), (1, 0), (0, -1), (0, 1))
 """(row, column) offsets of the four faces of a vertex, in the order the Jacobian stores them."""
 
 
 @dataclass
-class NonlinearDiffusionTask:
+class NonlinearDiffusionTask(DirichletInteriorTask):
     """One instance: κ = 1 + mu·u², forcing amplitude `amplitude`. A guess sets the interior
     vertices, `grid_shape` (n − 2) × (n − 2), row-major (their sine modes are the Dirichlet modes)."""
 
@@ -49,14 +49,6 @@ class NonlinearDiffusionTask:
     features: torch.Tensor
     name: str = ""
     parameters: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def grid_shape(self) -> tuple[int, int]:
-        return (self.n - 2, self.n - 2)
-
-    @property
-    def size(self) -> int:
-        return (self.n - 2) ** 2
 
     @property
     def reference_norm(self) -> float:

@@ -74,6 +74,22 @@ class DMDAProblem(ABC):
         return rows * columns
 
 
+class DirichletInteriorTask:
+    """What a task of a `DirichletInteriorProblem` carries besides its physics: the n × n vertex
+    grid and the (n − 2)² interior unknowns a guess sets (a mixin for the task's dataclass)."""
+
+    n: int
+
+    @property
+    def grid_shape(self) -> tuple[int, int]:
+        """The interior vertices, row-major: their sine modes are the Dirichlet modes of the grid."""
+        return (self.n - 2, self.n - 2)
+
+    @property
+    def size(self) -> int:
+        return (self.n - 2) ** 2
+
+
 class DirichletInteriorProblem(DMDAProblem):
     """A problem on a task's n × n vertex grid with u = 0 on the boundary, whose guess sets the
     (n − 2)² interior vertices (their sine modes are the Dirichlet modes of the full grid). The
